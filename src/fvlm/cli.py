@@ -1,0 +1,205 @@
+"""The ``fvlm`` command line: parses arguments and calls one library function per subcommand.
+
+Heavy imports (torch, transformers, MONAI) happen inside the subcommand functions so that ``fvlm --help``
+stays fast. Every subcommand returns a process exit code (0 = success).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("fvlm")
+
+
+# ----------------------------------------------------------------------------------------------- parsers
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", default=default,
+                   help="preset name (paper_vitb, demo, tiny) or JSON file" + (f" (default: {default})" if default
+                                                                                else " (default: built-in defaults)"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable; values are JSON)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fvlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("FVLM_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic CT-RATE-format data set")
+    p.add_argument("--out", required=True, help="output root (CT-RATE layout)")
+    p.add_argument("--train", type=int, default=8, help="number of training patients")
+    p.add_argument("--valid", type=int, default=4, help="number of validation patients")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=["demo", "full"], default="demo",
+                   help="demo: small volumes for CPU runs; full: realistic CT-RATE dimensions")
+    p.add_argument("--v2", action="store_true", help="write already-fixed HU volumes (CT-RATE v2) instead of v1")
+    p.add_argument("--anatomy-table", default="released",
+                   help="anatomy table whose anatomies the reports and anatomy texts describe")
+    p.add_argument("--workers", type=int, default=1)
+
+    p = sub.add_parser("preprocess", help="fix, merge, resample, crop, window, pad and store volumes")
+    p.add_argument("--data", help="CT-RATE-format root (dataset/, metadata/, ...)")
+    p.add_argument("--split", choices=["train", "valid"], help="split of --data to process")
+    p.add_argument("--pairs", help="CSV with columns volume,image,label[,split]: arbitrary NIfTI image/label pairs "
+                                   "(HU already) instead of --data")
+    p.add_argument("--out", required=True, help="processed data directory")
+    _add_config_args(p)
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--shard", default="0/1", help="i/N: process only shard i of N (cluster job arrays)")
+    p.add_argument("--version", choices=["auto", "v1", "v2"], default="auto",
+                   help="CT-RATE header version: auto-detect per volume (default), or force v1 (rescale) / v2 (HU)")
+    p.add_argument("--reconstructions", default="all",
+                   help="'all' or a number K: keep at most K reconstructions per scan")
+    p.add_argument("--limit", type=int, default=0, help="process only the first N volumes (0 = all)")
+
+    p = sub.add_parser("train", help="pre-train fVLM (single process or torchrun)")
+    _add_config_args(p, default="demo")
+    p.add_argument("--data", required=True, help="processed data directory (from fvlm preprocess)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, config.json)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+    p = sub.add_parser("eval", help="zero-shot diagnosis: score every volume of a split -> scores.csv")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--data", required=True, help="processed data directory")
+    p.add_argument("--split", default="valid")
+    p.add_argument("--out", required=True, help="scores CSV (VolumeName + one column per scored label)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=0, help="crops per forward pass (0 = config)")
+    p.add_argument("--anatomy-table", default="", help="score with this table's prompts (default: the run's)")
+
+    p = sub.add_parser("metrics", help="AUC, accuracy, sensitivity, specificity, F1, precision from scores.csv")
+    p.add_argument("scores", help="scores CSV from fvlm eval")
+    p.add_argument("--labels", required=True, help="labels CSV (VolumeName + 18 CT-RATE label columns)")
+    p.add_argument("--json", help="write the metrics as JSON")
+    p.add_argument("--plot", help="write ROC curves (PNG)")
+    p.add_argument("--thresholds-from", nargs=2, metavar=("SCORES", "LABELS"),
+                   help="fit thresholds on another split (honest variant) instead of the evaluated labels")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for 95%% CIs (0 = off)")
+    p.add_argument("--macro-f1", action="store_true", help="also report F1 with average='macro'")
+    p.add_argument("--missing", choices=["zero", "drop"], default="zero",
+                   help="a missing score counts as 0 (protocol, default) or the volume is dropped for that label")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrieval", metavar="EMBEDDINGS", help="report/volume retrieval Recall@K from fvlm embed output")
+
+    p = sub.add_parser("demo", help="synthesise -> preprocess -> train -> eval -> metrics on CPU")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--config", default="demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--train", type=int, default=0, help="training patients (0 = demo default)")
+    p.add_argument("--valid", type=int, default=0, help="validation patients (0 = demo default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--texts", choices=["generator", "decomposed"], default="generator",
+                   help="anatomy texts from the generator's JSON or from fvlm decompose of the reports")
+    p.add_argument("--ablation", action="store_true", help="run the false-negative-reduction ablation instead")
+    p.add_argument("--workers", type=int, default=2)
+
+    p = sub.add_parser("decompose", help="split free-text reports into anatomy-wise findings/impression texts")
+    p.add_argument("--reports", help="CT-RATE-format reports CSV (repeatable via comma)")
+    p.add_argument("--out", help="output directory for desc_info.json and conc_info.json")
+    p.add_argument("--anatomies", default="released", help="anatomy table (name or JSON path)")
+    p.add_argument("--backend", choices=["rules", "llm"], default="rules")
+    p.add_argument("--llm-url", default=os.environ.get("FVLM_LLM_URL", ""),
+                   help="OpenAI-compatible base URL (env FVLM_LLM_URL)")
+    p.add_argument("--llm-model", default=os.environ.get("FVLM_LLM_MODEL", ""), help="model name (env FVLM_LLM_MODEL)")
+    p.add_argument("--llm-cache", default="", help="cache directory for LLM answers (default: OUT/.llm_cache)")
+    p.add_argument("--evaluate", metavar="GOLD_DIR", help="compare OUT (or --pred) with reference JSON files")
+    p.add_argument("--pred", help="with --evaluate: directory of predicted JSON files (default: --out)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from fvlm.synth import synthesize
+
+    synthesize(args.out, n_train=args.train, n_valid=args.valid, seed=args.seed, size=args.size, v2=args.v2,
+               anatomy_table=args.anatomy_table, workers=args.workers)
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from fvlm.data.preprocess import run_preprocess_cli
+
+    return run_preprocess_cli(args)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fvlm.config import load_config
+    from fvlm.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, data=args.data, out=args.out, resume=args.resume, device=args.device)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fvlm.zeroshot import evaluate
+
+    evaluate(args.checkpoint, data=args.data, split=args.split, out=args.out, device=args.device,
+             batch_size=args.batch_size, anatomy_table=args.anatomy_table or None)
+    return 0
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from fvlm.metrics import run_metrics_cli
+
+    return run_metrics_cli(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fvlm.demo import run_demo_cli
+
+    return run_demo_cli(args)
+
+
+def _cmd_decompose(args: argparse.Namespace) -> int:
+    from fvlm.decompose import run_decompose_cli
+
+    return run_decompose_cli(args)
+
+
+COMMANDS = {
+    "synth": _cmd_synth,
+    "preprocess": _cmd_preprocess,
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "metrics": _cmd_metrics,
+    "demo": _cmd_demo,
+    "decompose": _cmd_decompose,
+}
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr; under torchrun only rank 0 logs below WARNING."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=getattr(logging, level) if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s{' [rank %d]' % rank if 'RANK' in os.environ else ''} %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        # expected user errors: one clear line, no traceback (use --log-level DEBUG for one)
+        log.debug("traceback", exc_info=True)
+        log.error("%s: %s", type(e).__name__, e)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
