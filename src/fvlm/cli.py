@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="fix, merge, resample, crop, window, pad and store volumes")
     p.add_argument("--data", help="CT-RATE-format root (dataset/, metadata/, ...)")
-    p.add_argument("--split", choices=["train", "valid"], help="split of --data to process")
+    p.add_argument("--split", choices=["train", "valid"],
+                   help="split of --data to process (default: every split present); with --pairs: the split of "
+                        "rows without one (default valid)")
     p.add_argument("--pairs", help="CSV with columns volume,image,label[,split]: arbitrary NIfTI image/label pairs "
                                    "(HU already) instead of --data")
     p.add_argument("--out", required=True, help="processed data directory")
@@ -74,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anatomy-table", default="", help="score with this table's prompts (default: the run's)")
 
     p = sub.add_parser("metrics", help="AUC, accuracy, sensitivity, specificity, F1, precision from scores.csv")
-    p.add_argument("scores", help="scores CSV from fvlm eval")
-    p.add_argument("--labels", required=True, help="labels CSV (VolumeName + 18 CT-RATE label columns)")
+    p.add_argument("scores", nargs="?", help="scores CSV from fvlm eval (may be omitted with --retrieval alone)")
+    p.add_argument("--labels", help="labels CSV (VolumeName + 18 CT-RATE label columns); required with SCORES")
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--plot", help="write ROC curves (PNG)")
     p.add_argument("--thresholds-from", nargs=2, metavar=("SCORES", "LABELS"),
@@ -108,8 +110,73 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenAI-compatible base URL (env FVLM_LLM_URL)")
     p.add_argument("--llm-model", default=os.environ.get("FVLM_LLM_MODEL", ""), help="model name (env FVLM_LLM_MODEL)")
     p.add_argument("--llm-cache", default="", help="cache directory for LLM answers (default: OUT/.llm_cache)")
+    p.add_argument("--llm-workers", type=int, default=4, help="concurrent LLM requests")
+    p.add_argument("--lexicon", default="", help="rules backend lexicon JSON (default: the shipped chest-CT lexicon)")
     p.add_argument("--evaluate", metavar="GOLD_DIR", help="compare OUT (or --pred) with reference JSON files")
     p.add_argument("--pred", help="with --evaluate: directory of predicted JSON files (default: --out)")
+    p = sub.add_parser("check-data", help="inventory a CT-RATE root before hours are spent: counts, missing files, "
+                                          "metadata problems, v1/v2 mix, non-chest volumes, texts, label maps")
+    p.add_argument("data", help="CT-RATE-format root (dataset/, metadata/, ...)")
+    p.add_argument("--split", choices=["train", "valid"], help="check only this split (default: every split present)")
+    p.add_argument("--json", help="write the full report (every listed volume) as JSON")
+    p.add_argument("--sample", type=int, default=20,
+                   help="per split, read the voxel values of at most K volumes: those whose header cannot tell v1 "
+                        "from v2 first, then a spread of the others (0 = headers only; default 20)")
+    p.add_argument("--anatomy-table", default="released",
+                   help="anatomy table whose anatomies the anatomy-text check looks for")
+    p.add_argument("--workers", type=int, default=4, help="threads reading headers")
+
+    p = sub.add_parser("segment", help="TotalSegmentator v2 (task total, roi_subset of the anatomy table) label maps "
+                                       "into dataset/{split}_mask/, resumable")
+    p.add_argument("--data", help="CT-RATE-format root (dataset/, metadata/, ...)")
+    p.add_argument("--split", choices=["train", "valid"], help="split of --data (required with --data)")
+    p.add_argument("--pairs", help="CSV volume,image,label[,split] (fvlm preprocess --pairs format): segment each "
+                                   "image (HU, correct header) into its label path instead of --data")
+    p.add_argument("--anatomy-table", default="released",
+                   help="anatomy table whose TotalSegmentator classes are segmented (extended covers released too)")
+    p.add_argument("--fast", action="store_true", help="TotalSegmentator's 3 mm model (about 3x faster, coarser)")
+    p.add_argument("--device", default=None, help="TotalSegmentator --device: gpu, gpu:N or cpu (default: its own)")
+    p.add_argument("--workers", type=int, default=1, help="volumes segmented at the same time")
+    p.add_argument("--shard", default="0/1", help="i/N: process only shard i of N (cluster job arrays)")
+    p.add_argument("--totalseg-cmd", default="",
+                   help="TotalSegmentator executable (e.g. from another environment); default: the Python API if "
+                        "installed (fvlm[segment]), else TotalSegmentator on PATH")
+    p.add_argument("--task", default="total",
+                   help="TotalSegmentator task (default total; total_v2 reproduces v2 maps with TotalSegmentator 3)")
+    p.add_argument("--version", choices=["auto", "v1", "v2"], default="auto",
+                   help="CT-RATE header version: auto-detect per volume (default), or force v1 (fix) / v2 (HU)")
+    p.add_argument("--reconstructions", default="all",
+                   help="'all' or a number K: segment at most K reconstructions per scan (as fvlm preprocess)")
+    p.add_argument("--exclude-no-chest", action="store_true",
+                   help="skip the volumes listed in metadata/no_chest_{split}.txt")
+    p.add_argument("--limit", type=int, default=0, help="segment only the first N volumes (0 = all)")
+    p.add_argument("--timeout", type=float, default=0.0,
+                   help="seconds per volume before a TotalSegmentator subprocess is killed (0 = no limit)")
+    p.add_argument("--verify", choices=["header", "full"], default="header",
+                   help="how existing maps are checked before being skipped: header (shape, geometry) or full "
+                        "(also inflate the data)")
+    p.add_argument("--tmp-dir", default="", help="folder for fixed v1 volumes handed to TotalSegmentator "
+                                                  "(default: the system temp folder)")
+    p.add_argument("--failures", default="", help="failures CSV (default: dataset/{split}_mask/segment_failures.csv "
+                                                  "or next to --pairs)")
+
+    p = sub.add_parser("radchestct", help="convert Rad-ChestCT .npz volumes and labels into NIfTI + pairs CSV + "
+                                          "CT-RATE-format labels (an external test set)")
+    p.add_argument("--npz-dir", required=True, help="folder of {NoteAcc_DEID}.npz volumes")
+    p.add_argument("--labels", required=True,
+                   help="Rad-ChestCT label CSV (NoteAcc_DEID + abnormality columns, or abnormality*location columns)")
+    p.add_argument("--mapping", choices=["standard", "fvlm", "extended"], default="standard",
+                   help="Rad-ChestCT -> CT-RATE label mapping (16, 15 or 18 CT-RATE labels)")
+    p.add_argument("--masks", default="", help="folder of TotalSegmentator label maps {id}.nii.gz (default OUT/masks; "
+                                               "existing maps are checked against the images)")
+    p.add_argument("--out", required=True, help="output folder (images/, pairs.csv, labels_{mapping}.csv)")
+    p.add_argument("--split", default="", help="split name for every volume (default: imgtrain/imgvalid/imgtest "
+                                               "from the id prefix)")
+    p.add_argument("--orientation", choices=["check", "documented", "flip"], default="check",
+                   help="z direction: check against anatomy and flip when it disagrees (default), trust the "
+                        "documented convention, or flip every volume")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--limit", type=int, default=0, help="convert only the first N volumes (0 = all)")
     return parser
 
 
@@ -163,6 +230,24 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     return run_decompose_cli(args)
 
 
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from fvlm.data.check import run_check_data_cli
+
+    return run_check_data_cli(args)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from fvlm.segment import run_segment_cli
+
+    return run_segment_cli(args)
+
+
+def _cmd_radchestct(args: argparse.Namespace) -> int:
+    from fvlm.data.radchestct import run_radchestct_cli
+
+    return run_radchestct_cli(args)
+
+
 COMMANDS = {
     "synth": _cmd_synth,
     "preprocess": _cmd_preprocess,
@@ -171,6 +256,9 @@ COMMANDS = {
     "metrics": _cmd_metrics,
     "demo": _cmd_demo,
     "decompose": _cmd_decompose,
+    "check-data": _cmd_check_data,
+    "segment": _cmd_segment,
+    "radchestct": _cmd_radchestct,
 }
 
 
@@ -179,7 +267,7 @@ def setup_logging(level: str = "INFO") -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=getattr(logging, level) if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s %(levelname)s{' [rank %d]' % rank if 'RANK' in os.environ else ''} %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s{f' [rank {rank}]' if 'RANK' in os.environ else ''} %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
         force=True,

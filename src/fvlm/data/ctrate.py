@@ -1,0 +1,560 @@
+"""CT-RATE as a user meets it: volume names, paths, metadata/report/label CSVs, the v1 fix and v1/v2 detection.
+
+Names: ``valid_53_a_1`` = split ``valid``, patient 53, scan ``a``, reconstruction 1; its scan id is
+``valid_53_a`` (the key of the anatomy texts). Layout under a CT-RATE root::
+
+    dataset/{split}/{split}_{pid}/{split}_{pid}_{scan}/{volume}.nii.gz       v1 (raw) or v2 volumes
+    dataset/{split}_fixed/...                                                 v2 downloads (already HU)
+    dataset/{split}_mask/<same sub-path>                                      TotalSegmentator v2 ``total`` maps
+    metadata/{train,validation}_metadata.csv                                  (file says "validation", split "valid")
+    radiology_text_reports/{train,validation}_reports.csv
+    multi_abnormality_labels/{train,valid}_predicted_labels.csv
+    anatomy_texts/{desc,conc}_info.json
+
+v1 volumes store raw values under a default header (identity affine); their true geometry and rescale
+are only in the metadata CSV (:meth:`VolumeMetadata.fix_geometry`, :func:`rescale`). v2 volumes are HU
+with a correct header. :func:`detect_version` decides per volume from header and value evidence, so a
+volume is never rescaled twice.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fvlm.data.store import Geometry
+from fvlm.labels import CT_RATE_LABELS
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid")
+_NAME = re.compile(r"^(?P<split>[A-Za-z]+)_(?P<patient>\d+)_(?P<scan>[A-Za-z]+)_(?P<rec>\d+)$")
+_FILE_NAME = {"train": "train", "valid": "validation"}  # metadata/reports CSV names say "validation"
+
+
+# ----------------------------------------------------------------------------------------------- names
+def strip_extension(name: str) -> str:
+    """``dir/valid_1_a_1.nii.gz`` -> ``valid_1_a_1``."""
+    base = os.path.basename(str(name))
+    for ext in (".nii.gz", ".nii", ".npz", ".npy"):
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+@dataclass(frozen=True, order=True)
+class VolumeName:
+    """A parsed CT-RATE volume name; orders naturally (patient 2 before patient 10)."""
+
+    split: str
+    patient: int
+    scan: str
+    reconstruction: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}_{self.patient}_{self.scan}_{self.reconstruction}"
+
+    @property
+    def scan_id(self) -> str:
+        return f"{self.split}_{self.patient}_{self.scan}"
+
+    @property
+    def patient_id(self) -> str:
+        return f"{self.split}_{self.patient}"
+
+    @property
+    def relpath(self) -> str:
+        """Path below ``dataset/{split}/``: ``{split}_{pid}/{split}_{pid}_{scan}/{volume}.nii.gz``."""
+        return f"{self.patient_id}/{self.scan_id}/{self.name}.nii.gz"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_volume_name(name: str) -> VolumeName:
+    """Parse ``valid_53_a_1`` (a path or ``.nii.gz`` suffix is allowed); ``ValueError`` if it is not one."""
+    m = _NAME.match(strip_extension(name))
+    if not m:
+        raise ValueError(f"not a CT-RATE volume name (split_patient_scan_reconstruction, e.g. valid_53_a_1): "
+                         f"{name!r}")
+    return VolumeName(m["split"], int(m["patient"]), m["scan"], int(m["rec"]))
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key: CT-RATE names in natural order, anything else after them by string."""
+    try:
+        return (0, parse_volume_name(name), "")
+    except ValueError:
+        return (1, VolumeName("", 0, "", 0), name)
+
+
+# ----------------------------------------------------------------------------------------------- paths
+def volume_path(root: str | Path, name: str, fixed: bool | None = None) -> Path:
+    """Path of a volume file. ``fixed=None``: the first of ``dataset/{split}/`` and ``dataset/{split}_fixed/``
+    that exists (else the former); ``True``/``False`` pick one."""
+    v = parse_volume_name(name)
+    root = Path(root)
+    plain = root / "dataset" / v.split / v.relpath
+    fixed_path = root / "dataset" / f"{v.split}_fixed" / v.relpath
+    if fixed is True:
+        return fixed_path
+    if fixed is False:
+        return plain
+    return plain if plain.exists() or not fixed_path.exists() else fixed_path
+
+
+def mask_path(root: str | Path, name: str) -> Path:
+    """TotalSegmentator label map of a volume: ``dataset/{split}_mask/<same sub-path>``."""
+    v = parse_volume_name(name)
+    return Path(root) / "dataset" / f"{v.split}_mask" / v.relpath
+
+
+def metadata_path(root: str | Path, split: str) -> Path:
+    """``metadata/train_metadata.csv`` or ``metadata/validation_metadata.csv`` (``valid_metadata.csv`` tolerated)."""
+    d = Path(root) / "metadata"
+    p = d / f"{_FILE_NAME.get(split, split)}_metadata.csv"
+    alt = d / f"{split}_metadata.csv"
+    return p if p.exists() or not alt.exists() else alt
+
+
+def reports_path(root: str | Path, split: str) -> Path:
+    d = Path(root) / "radiology_text_reports"
+    p = d / f"{_FILE_NAME.get(split, split)}_reports.csv"
+    alt = d / f"{split}_reports.csv"
+    return p if p.exists() or not alt.exists() else alt
+
+
+def labels_path(root: str | Path, split: str) -> Path:
+    return Path(root) / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
+
+
+def anatomy_texts_dir(root: str | Path) -> Path:
+    return Path(root) / "anatomy_texts"
+
+
+def find_volumes(root: str | Path, split: str) -> dict[str, Path]:
+    """Volume files of a split on disk: name -> path, from ``dataset/{split}/`` and ``dataset/{split}_fixed/``.
+
+    A volume present in both is taken from ``_fixed`` (the v2 download supersedes v1). Files whose names
+    are not CT-RATE volume names are ignored with a warning.
+    """
+    found: dict[str, Path] = {}
+    for sub in (split, f"{split}_fixed"):  # _fixed second: it overrides
+        base = Path(root) / "dataset" / sub
+        if not base.is_dir():
+            continue
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if not (f.endswith(".nii.gz") or f.endswith(".nii")):
+                    continue
+                try:
+                    v = parse_volume_name(f)
+                except ValueError:
+                    log.warning("ignoring %s: not a CT-RATE volume name", os.path.join(dirpath, f))
+                    continue
+                if v.split != split:
+                    log.warning("ignoring %s: split %r in a %r folder", os.path.join(dirpath, f), v.split, split)
+                    continue
+                found[v.name] = Path(dirpath) / f
+    return dict(sorted(found.items(), key=lambda kv: natural_key(kv[0])))
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+def _clean(value: Any) -> str | None:
+    if value is None:
+        return None
+    s = str(value).strip()
+    return None if s == "" or s.lower() in ("nan", "none", "null") else s
+
+
+def parse_number_list(text: str) -> tuple[float, ...]:
+    """``"[0.34, 0.34]"`` / ``"[1.000000, -0.000000]"`` / ``"0.5\\0.5"`` -> floats (``-0.0`` becomes 0.0)."""
+    s = text.strip().strip("[]()")
+    parts = [p for p in re.split(r"[,\\\s]+", s) if p]
+    if not parts:
+        raise ValueError(f"empty list {text!r}")
+    vals = tuple(float(p) + 0.0 for p in parts)  # + 0.0 turns -0.0 into 0.0
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"non-finite value in {text!r}")
+    return vals
+
+
+def _first_of_list(text: str) -> str:
+    """``"['Br40f', '3']"`` -> ``"Br40f"``; a plain string is returned as is."""
+    if text.startswith("["):
+        try:
+            v = ast.literal_eval(text)
+            if isinstance(v, (list, tuple)) and v:
+                return str(v[0]).strip()
+        except (ValueError, SyntaxError):
+            pass
+    return text
+
+
+def direction_from_orientation(orientation: tuple[float, ...]) -> tuple[float, ...]:
+    """DICOM ImageOrientationPatient (row cosine, column cosine) -> 3 x 3 direction, row-major.
+
+    The columns are the row cosine (array x), the column cosine (array y) and their cross product (slices).
+    """
+    if len(orientation) != 6:
+        raise ValueError(f"ImageOrientationPatient needs 6 values, got {len(orientation)}")
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:], dtype=np.float64)
+    nr, nc = np.linalg.norm(row), np.linalg.norm(col)
+    if not (0.9 < nr < 1.1 and 0.9 < nc < 1.1) or abs(float(row @ col)) > 1e-3:
+        raise ValueError(f"ImageOrientationPatient {list(orientation)} is not two orthonormal cosines")
+    row, col = row / nr, col / nc
+    m = np.stack([row, col, np.cross(row, col)], axis=1)
+    return tuple(float(x) + 0.0 for x in m.ravel())
+
+
+@dataclass(frozen=True)
+class VolumeMetadata:
+    """One row of a CT-RATE metadata CSV, typed. A missing or unparsable value is ``None``.
+
+    ``problems`` lists the values that were present but could not be parsed; ``raw`` keeps every column.
+    """
+
+    volume: str
+    xy_spacing: tuple[float, float] | None = None
+    z_spacing: float | None = None
+    position: tuple[float, float, float] | None = None  # ImagePositionPatient, LPS mm
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (6 cosines)
+    intercept: float | None = None
+    slope: float | None = None
+    kernel: str | None = None
+    series_description: str | None = None
+    manufacturer: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    slices: int | None = None
+    problems: tuple[str, ...] = ()
+    raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        """(x, y, z) mm, or ``None`` if XYSpacing or ZSpacing is missing."""
+        if self.xy_spacing is None or self.z_spacing is None:
+            return None
+        return (self.xy_spacing[0], self.xy_spacing[1], self.z_spacing)
+
+    @property
+    def direction(self) -> tuple[float, ...] | None:
+        if self.orientation is None:
+            return None
+        try:
+            return direction_from_orientation(self.orientation)
+        except ValueError:
+            return None
+
+    @property
+    def n_voxels(self) -> int:
+        """Rows x Columns x NumberofSlices (0 when unknown): ranks reconstructions by size."""
+        if self.rows and self.columns and self.slices:
+            return self.rows * self.columns * self.slices
+        return 0
+
+    def fix_geometry(self) -> Geometry:
+        """The true geometry of a v1 volume (released fix): spacing from XYSpacing/ZSpacing, origin =
+        ImagePositionPatient, direction from ImageOrientationPatient. ``ValueError`` names what is missing."""
+        missing = []
+        if self.xy_spacing is None:
+            missing.append("XYSpacing")
+        if self.z_spacing is None:
+            missing.append("ZSpacing")
+        if self.position is None:
+            missing.append("ImagePositionPatient")
+        if self.orientation is None:
+            missing.append("ImageOrientationPatient")
+        if missing:
+            bad = [p for p in self.problems if p.split(":")[0] in missing]
+            raise ValueError(f"metadata of {self.volume} has empty or invalid {', '.join(missing)}"
+                             + (f" ({'; '.join(bad)})" if bad else "") + ": cannot fix the v1 header")
+        spacing = self.spacing
+        assert spacing is not None and self.position is not None and self.orientation is not None
+        if min(spacing) <= 0:
+            raise ValueError(f"metadata of {self.volume}: non-positive spacing {spacing}")
+        return Geometry(spacing, self.position, direction_from_orientation(self.orientation))
+
+
+def parse_metadata_row(row: Mapping[str, Any]) -> VolumeMetadata:
+    """Type one metadata CSV row; never raises for bad values (they become ``None`` + a ``problems`` entry)."""
+    name = _clean(row.get("VolumeName"))
+    if name is None:
+        raise ValueError("metadata row without VolumeName")
+    problems: list[str] = []
+
+    def get(col: str, parse, n: int | None = None):
+        text = _clean(row.get(col))
+        if text is None:
+            return None
+        try:
+            v = parse(text)
+            if n is not None and len(v) != n:
+                raise ValueError(f"expected {n} values")
+            return v
+        except (ValueError, TypeError, OverflowError) as e:
+            problems.append(f"{col}: {text!r} ({e})")
+            return None
+
+    def positive(text: str) -> float:
+        v = float(text)
+        if not v > 0 or not math.isfinite(v):
+            raise ValueError("not a positive number")
+        return v
+
+    def finite(text: str) -> float:
+        v = float(text)
+        if not math.isfinite(v):
+            raise ValueError("not finite")
+        return v
+
+    def integer(text: str) -> int:
+        return int(float(text))
+
+    def pos_list(text: str) -> tuple[float, ...]:
+        v = parse_number_list(text)
+        if any(x <= 0 for x in v):
+            raise ValueError("non-positive spacing")
+        return v
+
+    orientation = get("ImageOrientationPatient", parse_number_list, 6)
+    if orientation is not None:
+        try:
+            direction_from_orientation(orientation)
+        except ValueError as e:
+            problems.append(f"ImageOrientationPatient: {e}")
+            orientation = None
+    kernel = get("ConvolutionKernel", _first_of_list)
+    return VolumeMetadata(
+        volume=strip_extension(name),
+        xy_spacing=get("XYSpacing", pos_list, 2),
+        z_spacing=get("ZSpacing", positive),
+        position=get("ImagePositionPatient", parse_number_list, 3),
+        orientation=orientation,
+        intercept=get("RescaleIntercept", finite),
+        slope=get("RescaleSlope", finite),
+        kernel=kernel,
+        series_description=_clean(row.get("SeriesDescription")),
+        manufacturer=_clean(row.get("Manufacturer")),
+        rows=get("Rows", integer),
+        columns=get("Columns", integer),
+        slices=get("NumberofSlices", integer),
+        problems=tuple(problems),
+        raw={k: v for k, v in row.items() if k is not None},
+    )
+
+
+def read_metadata(path: str | Path) -> dict[str, VolumeMetadata]:
+    """A CT-RATE metadata CSV -> {volume name (no extension): VolumeMetadata}, in file order.
+
+    Bad values never raise (see :func:`parse_metadata_row`); rows without a VolumeName are skipped with a
+    warning. ``FileNotFoundError`` names the file when it is absent.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"metadata CSV {path} not found")
+    out: dict[str, VolumeMetadata] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "VolumeName" not in reader.fieldnames:
+            raise ValueError(f"{path}: no VolumeName column (is this a CT-RATE metadata CSV?)")
+        for i, row in enumerate(reader, start=2):
+            try:
+                m = parse_metadata_row(row)
+            except ValueError as e:
+                log.warning("%s line %d: %s; row skipped", path, i, e)
+                continue
+            out[m.volume] = m
+    n_bad = sum(bool(m.problems) for m in out.values())
+    if n_bad:
+        log.info("%s: %d of %d rows have unparsable values (kept as missing)", path, n_bad, len(out))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- reports, labels
+REPORT_COLUMNS = ("ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
+
+
+@dataclass(frozen=True)
+class Report:
+    """The four English sections of a report; "Not given." and missing sections are empty strings."""
+
+    clinical_information: str = ""
+    technique: str = ""
+    findings: str = ""
+    impressions: str = ""
+
+
+def _section(text: Any) -> str:
+    s = _clean(text) or ""
+    return "" if s.rstrip(".").strip().lower() == "not given" else s
+
+
+def read_reports(path: str | Path) -> dict[str, Report]:
+    """A CT-RATE reports CSV -> {volume name: Report}."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"reports CSV {path} not found")
+    out = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "VolumeName" not in reader.fieldnames:
+            raise ValueError(f"{path}: no VolumeName column (is this a CT-RATE reports CSV?)")
+        for row in reader:
+            name = _clean(row.get("VolumeName"))
+            if name is None:
+                continue
+            out[strip_extension(name)] = Report(*(_section(row.get(c)) for c in REPORT_COLUMNS))
+    return out
+
+
+def read_labels(path: str | Path) -> dict[str, np.ndarray]:
+    """A CT-RATE labels CSV -> {volume name: int8 (18,) in :data:`fvlm.labels.CT_RATE_LABELS` order}.
+
+    ``ValueError`` names the file and line for a missing column or a value other than 0/1.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"labels CSV {path} not found")
+    out = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        missing = [c for c in ("VolumeName", *CT_RATE_LABELS) if c not in cols]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}")
+        for i, row in enumerate(reader, start=2):
+            try:
+                vals = [int(float(row[c])) for c in CT_RATE_LABELS]
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path} line {i}: bad label value ({e})") from None
+            if any(v not in (0, 1) for v in vals):
+                raise ValueError(f"{path} line {i}: labels must be 0 or 1, got {vals}")
+            out[strip_extension(row["VolumeName"])] = np.asarray(vals, dtype=np.int8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- v1 fix, v1/v2
+def rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values -> HU = stored * slope + intercept, rounded and clipped to int16 (the v1 fix)."""
+    hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    np.rint(hu, out=hu)
+    return np.clip(hu, -32768, 32767, out=hu).astype(np.int16)
+
+
+@dataclass(frozen=True)
+class VersionDecision:
+    """Whether a volume is v1 (raw, needs the fix) or v2 (HU, correct header), and why."""
+
+    version: str  # "v1" or "v2"
+    reason: str  # "forced" or "auto"
+    evidence: dict[str, Any]
+
+
+def value_statistics(stored: np.ndarray, max_samples: int = 1_000_000) -> dict[str, float]:
+    """Cheap statistics of a (D, H, W) array on a strided subsample: minimum and the 1st percentile of the
+    voxels above the minimum (the minimum is usually the constant outside the scanner's field of view)."""
+    step = max(1, int(math.ceil((stored.size / max_samples) ** (1 / 3))))
+    sample = np.asarray(stored[::step, ::step, ::step])
+    lo = float(sample.min())
+    above = sample[sample > lo]
+    p1 = float(np.percentile(above, 1)) if above.size else lo
+    return {"min": lo, "p1_above_min": p1, "sample_step": step}
+
+
+def detect_version(header: Geometry, stats: Mapping[str, float], meta: VolumeMetadata | None,
+                   forced: str = "auto") -> VersionDecision:
+    """Decide v1 vs v2 for one volume from two independent kinds of evidence.
+
+    - header: a v1 header has the default 1 mm spacing where the metadata says otherwise; a v2 header
+      carries the metadata spacing.
+    - values: HU data hold air (1st percentile above the padding value < -500); raw v1 data do not
+      (air is stored near ``-intercept - 1000`` >= 0, e.g. 24 for intercept -1024 or 7192 for -8192).
+
+    ``forced`` ("v1"/"v2") skips detection. Raises ``ValueError`` when the evidence conflicts or is
+    inconclusive, so a volume is never silently rescaled twice (or not at all): pass ``--version``.
+    """
+    evidence: dict[str, Any] = {"header_spacing": [round(s, 6) for s in header.spacing],
+                                "header_origin": [round(o, 4) for o in header.origin], **stats}
+    if forced in ("v1", "v2"):
+        return VersionDecision(forced, "forced", evidence)
+    if forced != "auto":
+        raise ValueError(f"version must be auto, v1 or v2, got {forced!r}")
+    header_says = None
+    meta_spacing = meta.spacing if meta is not None else None
+    if meta_spacing is not None:
+        evidence["metadata_spacing"] = list(meta_spacing)
+        # the default header has 1 mm voxels (its origin depends on the writer: 0, or the volume centre when
+        # neither sform nor qform is set), so only the spacing is compared
+        identity = np.allclose(header.spacing, 1.0, atol=1e-4)
+        matches = np.allclose(header.spacing, meta_spacing, rtol=1e-3, atol=1e-4)
+        if matches and not identity:
+            header_says = "v2"
+        elif identity and not matches:
+            header_says = "v1"
+    p1 = stats["p1_above_min"]
+    values_say = "v2" if p1 < -500 else "v1" if p1 > -200 else None
+    evidence["header_says"], evidence["values_say"] = header_says, values_say
+    if header_says and values_say and header_says != values_say:
+        raise ValueError(f"conflicting v1/v2 evidence: header {header_says} (spacing {evidence['header_spacing']}, "
+                         f"metadata {evidence.get('metadata_spacing')}), values {values_say} (1st percentile "
+                         f"{p1:g}); pass --version v1 or v2")
+    version = header_says or values_say
+    if version is None:
+        raise ValueError(f"cannot tell v1 from v2 (header spacing {evidence['header_spacing']}, metadata "
+                         f"{evidence.get('metadata_spacing')}, 1st percentile {p1:g}); pass --version v1 or v2")
+    return VersionDecision(version, "auto", evidence)
+
+
+# ----------------------------------------------------------------------------------------------- reconstructions
+_LUNG_WORDS = ("lung", "hrct", "parankim", "parenchym", "pulmo")
+_THORAX_WORDS = ("thorax", "toraks", "chest", "torax")
+_LUNG_KERNEL = re.compile(r"^(l|lung.*|y[a-d]|bl\d+.*|br[5-9]\d.*|b[6-9]\d.*|i[5-9]\d.*)$", re.IGNORECASE)
+
+
+def reconstruction_preference(meta: VolumeMetadata | None) -> int:
+    """2 = lung reconstruction (lung/HRCT description or a sharp lung kernel), 1 = thorax, 0 = other/unknown."""
+    if meta is None:
+        return 0
+    desc = (meta.series_description or "").lower()
+    if any(w in desc for w in _LUNG_WORDS) or (meta.kernel and _LUNG_KERNEL.match(meta.kernel)):
+        return 2
+    if any(w in desc for w in _THORAX_WORDS):
+        return 1
+    return 0
+
+
+def select_reconstructions(names: Iterable[str], metadata: Mapping[str, VolumeMetadata], k: int | None) -> list[str]:
+    """Keep at most ``k`` reconstructions per scan (``None`` = all): lung/thorax reconstructions first
+    (:func:`reconstruction_preference`), then the larger volume, then the lower reconstruction number.
+    Returns the kept names in natural order."""
+    names = list(names)
+    if k is None:
+        return sorted(names, key=natural_key)
+    if k < 1:
+        raise ValueError(f"--reconstructions must be 'all' or >= 1, got {k}")
+    by_scan: dict[str, list[str]] = {}
+    for n in names:
+        try:
+            scan = parse_volume_name(n).scan_id
+        except ValueError:
+            scan = n
+        by_scan.setdefault(scan, []).append(n)
+    kept = []
+    for group in by_scan.values():
+        group.sort(key=lambda n: (-reconstruction_preference(metadata.get(n)),
+                                  -(metadata[n].n_voxels if n in metadata else 0), natural_key(n)))
+        kept.extend(group[:k])
+    return sorted(kept, key=natural_key)

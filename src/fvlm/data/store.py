@@ -1,0 +1,448 @@
+"""The processed data format written by ``fvlm preprocess`` and read by training, evaluation and prediction.
+
+Layout (see docs/architecture.md)::
+
+    OUT/{split}/{volume}/image.npy   int16 (D, H, W) HU, clipped to data.hu_window, padded with the window low
+    OUT/{split}/{volume}/mask.npy    uint8 (D, H, W) 0 = background, k + 1 = anatomy k of the anatomy table
+    OUT/{split}/{volume}/meta.json   geometry, per-anatomy voxels and bounding boxes, provenance
+    OUT/manifest.csv                 one row per volume (all splits): split, volume, scan, status, ...
+    OUT/failures.csv                 split, volume, error (failed volumes only)
+    OUT/preprocess_config.json       the data config + anatomy table the store was made with
+
+A volume directory is written under a temporary name and renamed when complete, so a directory that
+exists is complete unless the disk was damaged afterwards (:func:`is_complete` checks). Arrays are plain
+``.npy`` files opened memory-mapped: a training crop reads only its window from disk.
+
+``meta.json`` keys (all lengths in mm, arrays ``(D, H, W)`` = ``(z, y, x)``, vectors ``(x, y, z)``)::
+
+    format, split, volume, scan, shape [D, H, W], image_dtype, mask_dtype,
+    spacing [x, y, z], origin [x, y, z] (LPS mm of voxel (0, 0, 0)), direction (9, row-major), orientation "LPS",
+    hu_window [low, high], pad_value, anatomy_table, crop_size,
+    anatomies {name: {"voxels": int, "bbox": [z0, z1, y0, y1, x0, x1] (end-exclusive) or null}} in table order,
+    source {image, label, version (v1|v2|hu), version_reason (auto|forced|pairs), evidence, rescale [slope, intercept],
+            shape, spacing, origin, direction (of the input), voxels (per anatomy, input grid),
+            crop [z0, z1, y0, y1, x0, x1] (input voxels, LPS-reoriented), pad [[before, after] x 3]},
+    seconds (wall time of the pass for this volume)
+
+The API here is deliberately small: :func:`open_volume`, :func:`read_meta`, :func:`list_volumes`,
+:func:`read_manifest`, :func:`window`, :func:`is_complete`, :func:`write_volume`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fvlm.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+IMAGE = "image.npy"
+MASK = "mask.npy"
+META = "meta.json"
+MANIFEST = "manifest.csv"
+FAILURES = "failures.csv"
+CONFIG = "preprocess_config.json"
+#: directories of OUT that are not splits
+SIDE_DIRS = frozenset({"texts", "labels", "reports"})
+#: data-config keys that determine the stored arrays: a store made with other values must not be mixed
+STORE_KEYS = ("anatomy_table", "spacing", "hu_window", "margin", "crop_size")
+TMP_PREFIX = ".tmp."
+TRASH_PREFIX = ".trash."
+FAILED_DIR = ".failed"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical placement of a ``(z, y, x)`` voxel array, in SimpleITK/DICOM (LPS) conventions.
+
+    spacing: (x, y, z) mm; origin: LPS mm of voxel (0, 0, 0); direction: 3 x 3 row-major, column ``a`` is
+    the LPS unit vector along array index axis ``a`` (x, y, z).
+    """
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """Direction as a float64 3 x 3 array (columns = index axes x, y, z)."""
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"spacing": [float(s) for s in self.spacing], "origin": [float(o) for o in self.origin],
+                "direction": [float(d) for d in self.direction]}
+
+
+@dataclass
+class ProcessedVolume:
+    """One stored volume: memory-mapped ``image`` int16 (D, H, W) HU, ``mask`` uint8 (D, H, W), ``meta`` dict."""
+
+    path: Path
+    image: np.ndarray
+    mask: np.ndarray
+    meta: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.meta["volume"]
+
+    def crop(self, start: tuple[int, int, int], size: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Copy of the window ``[start, start + size)`` (must lie inside): (int16 HU, uint8 mask), (D, H, W).
+
+        Only the pages of that window are read from disk.
+        """
+        sl = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
+        for s, n, dim in zip(start, size, self.image.shape, strict=True):
+            if s < 0 or s + n > dim:
+                raise ValueError(f"{self.path}: crop start={start} size={size} outside shape {self.image.shape}")
+        return np.array(self.image[sl]), np.array(self.mask[sl])
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def volume_dir(out: str | Path, split: str, volume: str) -> Path:
+    return Path(out) / split / volume
+
+
+def window(hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
+    """HU (any dtype) -> float32 in [0, 1]: ``(clip(hu, low, high) - low) / (high - low)``, same shape."""
+    low, high = float(hu_window[0]), float(hu_window[1])
+    out = np.asarray(hu, dtype=np.float32) - np.float32(low)
+    out *= np.float32(1.0 / (high - low))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def read_meta(out: str | Path, split: str, volume: str) -> dict[str, Any]:
+    """The parsed ``meta.json`` of one volume (raises ``FileNotFoundError`` naming the file)."""
+    path = volume_dir(out, split, volume) / META
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_volume(out: str | Path, split: str, volume: str, mmap: bool = True) -> ProcessedVolume:
+    """Open a stored volume; arrays are read-only memory maps unless ``mmap=False`` (then loaded in memory)."""
+    d = volume_dir(out, split, volume)
+    meta = read_meta(out, split, volume)
+    mode = "r" if mmap else None
+    image = np.load(d / IMAGE, mmap_mode=mode, allow_pickle=False)
+    mask = np.load(d / MASK, mmap_mode=mode, allow_pickle=False)
+    if image.shape != mask.shape or list(image.shape) != list(meta["shape"]):
+        raise ValueError(f"{d}: image {image.shape}, mask {mask.shape} and meta.json shape {meta['shape']} differ")
+    return ProcessedVolume(d, image, mask, meta)
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of an .npy file, reading only its header."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if fortran:
+            raise ValueError(f"{path}: Fortran-ordered array (expected C order)")
+        return tuple(shape), dtype, f.tell()
+
+
+def check_volume_dir(d: str | Path) -> str | None:
+    """Why the volume directory ``d`` is not complete and valid, or ``None`` when it is.
+
+    Checks that meta.json parses and that both .npy headers match its shape and dtypes and the files hold
+    all their bytes (a truncated copy is detected without reading the data).
+    """
+    d = Path(d)
+    try:
+        with open(d / META) as f:
+            meta = json.load(f)
+        shape = tuple(int(s) for s in meta["shape"])
+        for name, key in ((IMAGE, "image_dtype"), (MASK, "mask_dtype")):
+            p = d / name
+            got_shape, dtype, offset = _npy_header(p)
+            if got_shape != shape:
+                return f"{name} shape {got_shape} != meta shape {shape}"
+            if dtype != np.dtype(meta[key]):
+                return f"{name} dtype {dtype} != meta {meta[key]}"
+            want = offset + int(np.prod(shape)) * dtype.itemsize
+            size = p.stat().st_size
+            if size != want:
+                return f"{name} has {size} bytes, expected {want}"
+    except (OSError, ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def is_complete(out: str | Path, split: str, volume: str) -> bool:
+    """True when the volume's directory exists and passes :func:`check_volume_dir`."""
+    d = volume_dir(out, split, volume)
+    return d.is_dir() and check_volume_dir(d) is None
+
+
+def splits(out: str | Path) -> list[str]:
+    """Split directories present in ``out`` (sorted)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in SIDE_DIRS)
+
+
+def list_volumes(out: str | Path, split: str, check: bool = False) -> list[str]:
+    """Sorted names of the stored volumes of ``split`` (directories with a meta.json).
+
+    Directories appear only complete (atomic rename); ``check=True`` also validates every one with
+    :func:`check_volume_dir` (reads three small headers per volume) and drops damaged ones.
+    """
+    d = Path(out) / split
+    if not d.is_dir():
+        return []
+    names = []
+    with os.scandir(d) as it:
+        for e in it:
+            if e.is_dir() and not e.name.startswith(".") and os.path.exists(os.path.join(e.path, META)):
+                if check and check_volume_dir(e.path) is not None:
+                    continue
+                names.append(e.name)
+    return sorted(names)
+
+
+def read_manifest(out: str | Path):
+    """``OUT/manifest.csv`` as a pandas DataFrame (one row per volume; ``status`` is ``ok`` or ``failed``).
+
+    Columns: split, volume, scan, status, shape ("DxHxW"), spacing ("x,y,z" mm), version,
+    ``voxels_{anatomy}`` per anatomy, seconds, error.
+    """
+    import pandas as pd
+
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run fvlm preprocess first")
+    return pd.read_csv(path, keep_default_na=False, dtype={"split": str, "volume": str, "scan": str,
+                                                            "status": str, "error": str})
+
+
+def read_store_config(out: str | Path) -> dict[str, Any] | None:
+    """``OUT/preprocess_config.json`` (``{"data": ..., "anatomy_table": ...}``) or ``None`` if absent."""
+    path = Path(out) / CONFIG
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def config_mismatch(stored: dict[str, Any], data: dict[str, Any], table: dict[str, Any] | None = None) -> list[str]:
+    """The differences between a store's ``preprocess_config.json`` and a data config that matter.
+
+    Only the keys that shape the stored arrays (:data:`STORE_KEYS`) and the anatomy groups are compared;
+    sampling options (flip probability, crop sizes at evaluation) may differ. Returns readable lines.
+    """
+    diffs = []
+    sd = stored.get("data", {})
+    for k in STORE_KEYS:
+        if k == "anatomy_table" and table is not None:
+            continue  # compared by content below: a renamed copy of the same table is fine
+        a, b = sd.get(k), data.get(k)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            same = len(a) == len(b) and all(float(x) == float(y) for x, y in zip(a, b, strict=True))
+        else:
+            same = a == b
+        if not same:
+            diffs.append(f"data.{k}: store has {a!r}, requested {b!r}")
+    if table is not None:
+        groups_a = [(a["name"], sorted(a["classes"])) for a in stored.get("anatomy_table", {}).get("anatomies", [])]
+        groups_b = [(a["name"], sorted(a["classes"])) for a in table.get("anatomies", [])]
+        if groups_a != groups_b:
+            diffs.append(f"anatomy groups: store has {[g[0] for g in groups_a]}, requested {[g[0] for g in groups_b]}"
+                         + (" (same names, different classes)" if [g[0] for g in groups_a] == [g[0] for g in groups_b]
+                            else ""))
+    return diffs
+
+
+# ------------------------------------------------------------------------------------------------ writing
+@contextlib.contextmanager
+def _temp_volume_dir(out: Path, split: str, volume: str) -> Iterator[Path]:
+    parent = out / split
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f"{TMP_PREFIX}{volume}.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_volume(out: str | Path, split: str, volume: str, image: np.ndarray, mask: np.ndarray,
+                 meta: dict[str, Any]) -> Path:
+    """Write one volume atomically: a temporary directory renamed onto ``OUT/{split}/{volume}``.
+
+    A previous (e.g. damaged) directory of the same name is replaced. ``meta`` gets ``shape`` and the
+    dtypes filled in. Returns the final directory.
+    """
+    if image.dtype != np.int16 or mask.dtype != np.uint8:
+        raise TypeError(f"{volume}: expected int16 image and uint8 mask, got {image.dtype} and {mask.dtype}")
+    if image.shape != mask.shape or image.ndim != 3:
+        raise ValueError(f"{volume}: image {image.shape} and mask {mask.shape} must be equal (D, H, W) shapes")
+    out = Path(out)
+    final = volume_dir(out, split, volume)
+    meta = {**meta, "shape": [int(s) for s in image.shape], "image_dtype": "int16", "mask_dtype": "uint8"}
+    with _temp_volume_dir(out, split, volume) as tmp:
+        np.save(tmp / IMAGE, np.ascontiguousarray(image), allow_pickle=False)
+        np.save(tmp / MASK, np.ascontiguousarray(mask), allow_pickle=False)
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        if final.exists():
+            # rename the old directory aside first: os.replace cannot overwrite a non-empty directory
+            trash = final.parent / f"{TRASH_PREFIX}{volume}.{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+    return final
+
+
+def remove_volume(out: str | Path, split: str, volume: str) -> None:
+    """Delete a (damaged) volume directory, renaming it aside first so no half-deleted directory remains."""
+    final = volume_dir(out, split, volume)
+    if final.exists():
+        trash = final.parent / f"{TRASH_PREFIX}{volume}.{uuid.uuid4().hex[:8]}"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_temporaries(out: str | Path, split: str, volumes: set[str] | None = None) -> int:
+    """Remove leftover temporary/trash directories of a killed run; returns how many were removed.
+
+    ``volumes`` restricts the clean-up to those volumes (a shard cleans only its own, so it never removes
+    a directory another shard of the same OUT is writing right now).
+    """
+    d = Path(out) / split
+    if not d.is_dir():
+        return 0
+    n = 0
+    for p in d.iterdir():
+        for prefix in (TMP_PREFIX, TRASH_PREFIX):
+            if p.name.startswith(prefix):
+                vol = p.name[len(prefix):].rsplit(".", 1)[0]
+                if volumes is None or vol in volumes:
+                    shutil.rmtree(p, ignore_errors=True)
+                    n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ failures
+def failure_path(out: str | Path, split: str, volume: str) -> Path:
+    return Path(out) / FAILED_DIR / split / f"{volume}.json"
+
+
+def write_failure(out: str | Path, split: str, volume: str, record: dict[str, Any]) -> None:
+    """Record that a volume failed (one small JSON file per volume, so shards never clobber each other)."""
+    atomic_write_text(failure_path(out, split, volume), json.dumps({"split": split, "volume": volume, **record}) + "\n")
+
+
+def clear_failure(out: str | Path, split: str, volume: str) -> None:
+    failure_path(out, split, volume).unlink(missing_ok=True)
+
+
+def read_failures(out: str | Path) -> list[dict[str, Any]]:
+    """All per-volume failure records of ``out`` whose volume has no stored directory, sorted."""
+    root = Path(out) / FAILED_DIR
+    records = []
+    if root.is_dir():
+        for p in sorted(root.glob("*/*.json")):
+            try:
+                with open(p) as f:
+                    rec = json.load(f)
+            except (OSError, ValueError) as e:
+                log.warning("unreadable failure record %s: %s", p, e)
+                continue
+            if not (Path(out) / rec["split"] / rec["volume"] / META).exists():
+                records.append(rec)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def _manifest_rows(out: Path, anatomies: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for split in splits(out):
+        for volume in list_volumes(out, split):
+            try:
+                meta = read_meta(out, split, volume)
+            except (OSError, ValueError) as e:
+                rows.append({"split": split, "volume": volume, "scan": "", "status": "failed",
+                             "error": f"unreadable meta.json: {e}"})
+                continue
+            row = {"split": split, "volume": volume, "scan": meta.get("scan", ""), "status": "ok",
+                   "shape": "x".join(str(s) for s in meta["shape"]),
+                   "spacing": ",".join(f"{s:g}" for s in meta["spacing"]),
+                   "version": meta.get("source", {}).get("version", ""),
+                   "seconds": f"{meta.get('seconds', 0.0):.3f}", "error": ""}
+            for name in anatomies:
+                row[f"voxels_{name}"] = meta.get("anatomies", {}).get(name, {}).get("voxels", 0)
+            rows.append(row)
+    for rec in read_failures(out):
+        rows.append({"split": rec["split"], "volume": rec["volume"], "scan": rec.get("scan", ""), "status": "failed",
+                     "version": rec.get("version", ""), "seconds": f"{rec.get('seconds', 0.0):.3f}",
+                     "error": rec.get("error", "")})
+    rows.sort(key=lambda r: (r["split"], _natural(r["volume"])))
+    return rows
+
+
+def _natural(name: str) -> list:
+    """Natural sort key: ``valid_2_a_1`` before ``valid_10_a_1``."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in fields})
+    atomic_write_text(path, buf.getvalue())
+
+
+def rebuild_manifest(out: str | Path, anatomies: list[str]) -> tuple[int, int]:
+    """Rewrite ``manifest.csv`` and ``failures.csv`` from the meta.json files and failure records on disk.
+
+    Everything is re-read from disk under a lock file, so shards of one OUT that finish at different
+    times each leave a manifest that holds every volume finished so far. Returns (ok, failed) counts.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _lock(out / ".manifest.lock"):
+        rows = _manifest_rows(out, anatomies)
+        fields = ["split", "volume", "scan", "status", "shape", "spacing", "version",
+                  *(f"voxels_{a}" for a in anatomies), "seconds", "error"]
+        _write_csv(out / MANIFEST, fields, rows)
+        failed = [r for r in rows if r["status"] == "failed"]
+        _write_csv(out / FAILURES, ["split", "volume", "error"], failed)
+    return len(rows) - len(failed), len(failed)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl) on ``path``; a no-op where fcntl is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

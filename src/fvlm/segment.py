@@ -1,0 +1,463 @@
+"""``fvlm segment``: TotalSegmentator v2 (task ``total``) label maps for CT-RATE volumes or NIfTI pairs.
+
+Per volume::
+
+    read -> v1 fix (detected per volume, as in fvlm preprocess) -> write the fixed volume to a temporary .nii
+    (TotalSegmentator needs a file; v2/HU inputs are passed as they are) -> TotalSegmentator
+    -i IN -o TMP --ml --task total --roi_subset <classes of the anatomy table> [--fast] [--device D]
+    -> check the map (readable, same grid as the fixed volume, ids 0..117) -> rename onto
+    dataset/{split}_mask/<same sub-path>  (the layout fvlm preprocess reads)
+
+``roi_subset`` is exactly the TotalSegmentator classes the anatomy table merges
+(:attr:`fvlm.anatomy.AnatomyTable.class_ids`), which makes TotalSegmentator crop to them with its 6 mm model
+first and run only the sub-models that hold them. With ``--ml`` and ``--roi_subset`` TotalSegmentator keeps
+the ``total`` class ids and zeroes every other class, so the map is read exactly like a full one.
+
+TotalSegmentator runs in one of two ways: the Python API (``totalsegmentator.python_api.totalsegmentator``,
+when the optional extra ``fvlm[segment]`` is installed in this environment) or a command (``--totalseg-cmd
+PATH``, or ``TotalSegmentator`` found on ``PATH``) invoked as a subprocess with the CLI flags of
+TotalSegmentator 2.x (``totalsegmentator/bin/TotalSegmentator.py``: ``-i``, ``-o``, ``--ml``, ``--task``,
+``--roi_subset``, ``--fast``, ``--device``). Pre-downloaded weights are found through ``TOTALSEG_HOME_DIR`` /
+``TOTALSEG_WEIGHTS_PATH``, which the subprocess inherits.
+
+Batch behaviour: outputs are written under a temporary name and renamed when checked, so a map that exists
+is complete; a rerun skips volumes whose map exists and matches the volume's header (shape and geometry;
+``verify="full"`` also inflates it); every failure is collected, listed at the end and written to a
+failures CSV, the other volumes go on, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.data import ctrate
+from fvlm.io import atomic_path, atomic_write_text
+from fvlm.totalseg import CLASS_NAMES, MAX_CLASS_ID
+
+log = logging.getLogger(__name__)
+
+_DEVICE = re.compile(r"^(gpu(:\d+)?|cpu|mps)$")
+_OUTPUT_TAIL = 2000  # characters of a failed command's output kept in its error
+
+
+# ----------------------------------------------------------------------------------------------- runners
+def roi_subset(table: AnatomyTable) -> list[str]:
+    """TotalSegmentator class names the table's anatomies merge, in class-id order (``--roi_subset``)."""
+    return [CLASS_NAMES[i] for i in table.class_ids]
+
+
+def totalseg_arguments(image: str | Path, output: str | Path, roi: Sequence[str], fast: bool = False,
+                       device: str | None = None, task: str = "total") -> list[str]:
+    """The TotalSegmentator 2.x CLI arguments (without the program) for one multilabel segmentation."""
+    args = ["-i", str(image), "-o", str(output), "--ml", "--task", task]
+    if roi:
+        args += ["--roi_subset", *roi]
+    if fast:
+        args.append("--fast")
+    if device:
+        args += ["--device", device]
+    return args
+
+
+@dataclass(frozen=True)
+class TotalSegmentator:
+    """How to run TotalSegmentator: ``command`` (a subprocess) or, when ``command`` is empty, the Python API."""
+
+    command: tuple[str, ...] = ()
+    roi: tuple[str, ...] = ()
+    fast: bool = False
+    device: str | None = None
+    task: str = "total"
+    timeout: float = 0.0  # seconds per volume (subprocess only); 0 = none
+
+    @property
+    def in_process(self) -> bool:
+        return not self.command
+
+    def describe(self) -> str:
+        how = "python API (totalsegmentator.python_api)" if self.in_process else " ".join(self.command)
+        return (f"{how}, task {self.task}, {len(self.roi)} roi_subset classes"
+                f"{', --fast' if self.fast else ''}{f', --device {self.device}' if self.device else ''}")
+
+    def run(self, image: Path, output: Path) -> None:
+        """Segment ``image`` into the multilabel map ``output``; ``RuntimeError`` with the tool's output on failure."""
+        if self.in_process:
+            self._run_api(image, output)
+            return
+        cmd = [*self.command, *totalseg_arguments(image, output, self.roi, self.fast, self.device, self.task)]
+        log.debug("running %s", " ".join(cmd))
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=self.timeout or None, check=False)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"TotalSegmentator timed out after {self.timeout:g} s") from None
+        except OSError as e:
+            raise RuntimeError(f"cannot run {self.command[0]}: {e}") from None
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stdout or "").strip().splitlines())[-_OUTPUT_TAIL:]
+            raise RuntimeError(f"TotalSegmentator exited with code {proc.returncode}: {tail or '(no output)'}")
+
+    def _run_api(self, image: Path, output: Path) -> None:
+        from totalsegmentator.python_api import totalsegmentator
+
+        kwargs: dict[str, Any] = {"ml": True, "fast": self.fast, "task": self.task, "quiet": True,
+                                  "roi_subset": list(self.roi) or None}
+        if self.device:
+            kwargs["device"] = self.device
+        try:
+            totalsegmentator(image, output, **kwargs)
+        except SystemExit as e:  # TotalSegmentator exits on licence/config problems
+            raise RuntimeError(f"TotalSegmentator exited ({e.code})") from None
+
+
+def find_totalsegmentator(command: str | None, roi: Sequence[str], fast: bool = False, device: str | None = None,
+                          task: str = "total", timeout: float = 0.0) -> TotalSegmentator:
+    """Resolve how to run TotalSegmentator: ``command`` (path or name on PATH) if given, else the Python API if
+    importable, else ``TotalSegmentator`` on PATH. ``FileNotFoundError`` explains the options when none works."""
+    if device is not None and not _DEVICE.match(device):
+        raise ValueError(f"--device must be gpu, gpu:N, cpu or mps, got {device!r}")
+    if command:
+        exe = shutil.which(command) or (command if Path(command).is_file() else None)
+        if exe is None:
+            raise FileNotFoundError(f"--totalseg-cmd {command!r}: no such executable")
+        if not os.access(exe, os.X_OK):
+            raise FileNotFoundError(f"--totalseg-cmd {exe}: not executable (chmod +x?)")
+        return TotalSegmentator((str(exe),), tuple(roi), fast, device, task, timeout)
+    try:
+        import totalsegmentator.python_api  # noqa: F401
+        return TotalSegmentator((), tuple(roi), fast, device, task, timeout)
+    except ImportError:
+        pass
+    exe = shutil.which("TotalSegmentator")
+    if exe:
+        return TotalSegmentator((exe,), tuple(roi), fast, device, task, timeout)
+    raise FileNotFoundError("TotalSegmentator not found: pip install 'fvlm[segment]' in this environment, or install "
+                            "TotalSegmentator in another one and pass --totalseg-cmd /path/to/TotalSegmentator")
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+@dataclass
+class SegmentJob:
+    """One volume to segment (picklable)."""
+
+    split: str
+    volume: str
+    image: str
+    output: str
+    version: str = "auto"  # auto | v1 | v2 (CT-RATE); hu (pairs: HU with a correct header)
+    metadata: ctrate.VolumeMetadata | None = None
+
+
+@dataclass
+class SegmentResult:
+    split: str
+    volume: str
+    status: str  # ok | skipped | failed
+    error: str = ""
+    seconds: float = 0.0
+    version: str = ""
+    classes_found: int = 0
+
+
+@dataclass
+class SegmentSummary:
+    results: list[SegmentResult] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[SegmentResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+def ctrate_segment_jobs(root: str | Path, split: str, version: str = "auto", reconstructions: int | None = None,
+                        exclude_no_chest: bool = False) -> list[SegmentJob]:
+    """Jobs for the volumes of a CT-RATE root's split on disk; outputs go to ``dataset/{split}_mask/``."""
+    from fvlm.data.check import no_chest_path, read_volume_list
+    from fvlm.data.preprocess import ctrate_jobs
+
+    jobs = ctrate_jobs(root, [split], version=version, reconstructions=reconstructions)
+    if exclude_no_chest:
+        p = no_chest_path(root, split)
+        if not p.exists():
+            log.warning("--exclude-no-chest: %s not found; nothing excluded", p)
+        else:
+            skip = set(read_volume_list(p))
+            n = len(jobs)
+            jobs = [j for j in jobs if j.volume not in skip]
+            log.info("excluded %d non-chest volume(s) listed in %s", n - len(jobs), p)
+    return [SegmentJob(j.split, j.volume, j.image, j.label, j.version, j.metadata) for j in jobs]
+
+
+def pairs_segment_jobs(csv_path: str | Path, default_split: str = "valid") -> list[SegmentJob]:
+    """Jobs from a ``volume,image,label[,split]`` CSV (the ``fvlm preprocess --pairs`` format): each image (HU,
+    correct header) is segmented into its ``label`` path."""
+    from fvlm.data.preprocess import pairs_jobs
+
+    return [SegmentJob(j.split, j.volume, j.image, j.label, "hu") for j in pairs_jobs(csv_path, default_split)]
+
+
+# ----------------------------------------------------------------------------------------------- one volume
+def load_fixed(job: SegmentJob) -> tuple[Any, str]:
+    """The volume as TotalSegmentator must see it: HU with the true geometry.
+
+    Returns (:class:`fvlm.data.preprocess.SourceVolume` with int16 HU or the stored values of an HU input,
+    version). v1 volumes get the released fix (metadata geometry, ``stored * slope + intercept``).
+    """
+    from fvlm.data.preprocess import SourceVolume, check_finite, read_nifti
+
+    if job.version in ("auto", "v1") and job.metadata is None:
+        raise ValueError("missing from the metadata CSV: cannot fix or check its version")
+    vol = read_nifti(job.image)
+    check_finite(vol.array)
+    if job.version == "hu":
+        return vol, "hu"
+    decision = ctrate.detect_version(vol.geometry, ctrate.value_statistics(vol.array), job.metadata, job.version)
+    if decision.version == "v2":
+        return vol, "v2"
+    md = job.metadata
+    assert md is not None
+    if md.slope is None or md.intercept is None:
+        raise ValueError(f"metadata of {job.volume} has empty RescaleSlope/RescaleIntercept: cannot fix the v1 values")
+    return SourceVolume(ctrate.rescale(vol.array, md.slope, md.intercept), md.fix_geometry()), "v1"
+
+
+def write_nifti(path: str | Path, array_zyx: np.ndarray, geometry: Any) -> None:
+    """Write a ``(z, y, x)`` array with an LPS :class:`~fvlm.data.store.Geometry` as NIfTI (SimpleITK)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
+    img.SetSpacing([float(s) for s in geometry.spacing])
+    img.SetOrigin([float(o) for o in geometry.origin])
+    img.SetDirection([float(d) for d in geometry.direction])
+    sitk.WriteImage(img, str(path))
+
+
+def check_label_map(path: str | Path, image: Any) -> int:
+    """``ValueError`` unless ``path`` is a readable integer label map on ``image``'s grid with ids 0..117;
+    returns the number of distinct classes in it."""
+    from fvlm.data.preprocess import check_same_grid, read_nifti
+
+    lab = read_nifti(path)
+    check_same_grid(image, lab)
+    a = lab.array
+    if a.dtype.kind == "f" and (not np.all(np.isfinite(a)) or np.any(a != np.round(a))):
+        raise ValueError(f"{path}: label map holds non-integer values")
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    if lo < 0 or hi > MAX_CLASS_ID:
+        raise ValueError(f"{path}: class ids outside 0..{MAX_CLASS_ID} ({lo}..{hi}): not a TotalSegmentator v2 "
+                         f"'total' map")
+    counts = np.zeros(MAX_CLASS_ID + 1, dtype=np.int64)
+    for k in range(a.shape[0]):  # slice by slice: a whole-volume int64 copy of a 512 x 512 x 600 map is 1.2 GB
+        counts += np.bincount(a[k].astype(np.intp, copy=False).ravel(), minlength=MAX_CLASS_ID + 1)
+    return int(np.count_nonzero(counts[1:]))
+
+
+def output_is_complete(job: SegmentJob, verify: str = "header") -> bool:
+    """Whether ``job.output`` holds a finished map for this volume: header shape equal to the source's and its
+    geometry equal to the source header's (v2/HU) or the metadata's (v1); ``verify="full"`` inflates the map too."""
+    from fvlm.data.check import read_header
+    from fvlm.data.preprocess import SourceVolume, check_same_grid
+
+    out = Path(job.output)
+    if not out.exists():
+        return False
+    try:
+        mh = read_header(out)
+        sh = read_header(job.image)
+        if tuple(mh.shape_xyz[:3]) != tuple(sh.shape_xyz[:3]):
+            return False
+        dummy = np.empty(tuple(sh.shape_xyz[:3])[::-1], dtype=np.uint8)  # shape only: no voxel data is touched
+        candidates = [sh.geometry]
+        if job.metadata is not None and job.version in ("auto", "v1"):
+            try:
+                candidates.append(job.metadata.fix_geometry())
+            except ValueError:
+                pass
+        ok = False
+        for g in candidates:
+            try:
+                check_same_grid(SourceVolume(dummy, g), SourceVolume(dummy, mh.geometry))
+                ok = True
+                break
+            except ValueError:
+                continue
+        if not ok:
+            return False
+        if verify == "full":
+            from fvlm.data.preprocess import read_nifti
+
+            read_nifti(out)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporary files an interrupted run left for this output (``.{name}.*.tmp.nii.gz`` next to it)."""
+    if output.parent.is_dir():
+        for p in output.parent.glob(f".{output.name}.*.tmp*"):
+            p.unlink(missing_ok=True)
+
+
+def segment_volume(job: SegmentJob, runner: TotalSegmentator, tmp_dir: str | None = None) -> SegmentResult:
+    """Segment one volume into ``job.output`` (atomic); never raises for a problem of the volume."""
+    t0 = time.perf_counter()
+    version = ""
+    output = Path(job.output)
+    try:
+        _remove_stale_temporaries(output)
+        image, version = load_fixed(job)
+        with tempfile.TemporaryDirectory(prefix="fvlm_segment_", dir=tmp_dir) as td:
+            if version == "v1":
+                # uncompressed: TotalSegmentator reads it once; compressing 300 MB would cost seconds for nothing
+                src = Path(td) / f"{job.volume}.nii"
+                write_nifti(src, image.array, image.geometry)
+            else:
+                src = Path(job.image)
+            with atomic_path(output, suffix=".nii.gz") as tmp:
+                runner.run(src, tmp)
+                if not tmp.exists() or tmp.stat().st_size == 0:
+                    raise RuntimeError("TotalSegmentator reported success but wrote no label map")
+                n_classes = check_label_map(tmp, image)
+        if n_classes == 0:
+            log.warning("%s: no class of the roi_subset was found (non-chest volume?)", job.volume)
+        return SegmentResult(job.split, job.volume, "ok", seconds=time.perf_counter() - t0, version=version,
+                             classes_found=n_classes)
+    except Exception as e:  # a batch job records every per-volume failure and goes on
+        if isinstance(e, (ValueError, FileNotFoundError, RuntimeError, OSError)):
+            error = str(e)
+        else:
+            log.warning("%s: unexpected %s", job.volume, type(e).__name__, exc_info=True)
+            error = f"{type(e).__name__}: {e}"
+        return SegmentResult(job.split, job.volume, "failed", error=" ".join(error.split()),
+                             seconds=time.perf_counter() - t0, version=version)
+
+
+def _init_worker() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# ----------------------------------------------------------------------------------------------- the batch
+def run_segment(jobs: Sequence[SegmentJob], runner: TotalSegmentator, workers: int = 1,
+                shard: tuple[int, int] = (0, 1), limit: int = 0, verify: str = "header",
+                tmp_dir: str | None = None) -> SegmentSummary:
+    """Segment ``jobs`` (after ``limit``, then ``shard``); complete outputs are skipped."""
+    from tqdm import tqdm
+
+    jobs = list(jobs)
+    if limit > 0:
+        jobs = jobs[:limit]
+    i, n = shard
+    jobs = jobs[i::n]
+    summary = SegmentSummary()
+    todo = []
+    for j in jobs:
+        if output_is_complete(j, verify):
+            summary.results.append(SegmentResult(j.split, j.volume, "skipped"))
+        else:
+            todo.append(j)
+    log.info("segment: %d volumes in this shard, %d complete already, %d to do, %d worker(s); %s", len(jobs),
+             len(jobs) - len(todo), len(todo), workers, runner.describe())
+    with tqdm(total=len(todo), desc="segment", unit="vol", disable=None) as bar:
+        if workers <= 1 or len(todo) <= 1:
+            for j in todo:
+                summary.results.append(segment_volume(j, runner, tmp_dir))
+                bar.update()
+        else:
+            ex: Executor
+            if runner.in_process:
+                # the Python API runs torch in this process: one process per worker (spawn: CUDA-safe)
+                import multiprocessing as mp
+
+                ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                         initializer=_init_worker)
+            else:  # subprocesses do the work; threads only read, fix and wait
+                ex = ThreadPoolExecutor(max_workers=workers)
+            with ex:
+                futures = {ex.submit(segment_volume, j, runner, tmp_dir): j for j in todo}
+                for fut in as_completed(futures):
+                    j = futures[fut]
+                    try:
+                        r = fut.result()
+                    except Exception as e:  # a worker process died (e.g. out of memory)
+                        r = SegmentResult(j.split, j.volume, "failed", error=f"worker failed: {type(e).__name__}: {e}")
+                    summary.results.append(r)
+                    bar.update()
+    for r in summary.failed:
+        log.error("%s failed: %s", r.volume, r.error)
+    done = [r for r in summary.results if r.status == "ok"]
+    secs = sorted(r.seconds for r in done)
+    log.info("segment: %d done%s, %d skipped (complete), %d failed", len(done),
+             f" (median {secs[len(secs) // 2]:.1f} s per volume)" if secs else "", summary.count("skipped"),
+             len(summary.failed))
+    return summary
+
+
+def write_failures(path: str | Path, summary: SegmentSummary) -> None:
+    """``split,volume,error`` for every failed volume of this run (atomic; an empty file when none failed)."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["split", "volume", "error"])
+    for r in summary.failed:
+        w.writerow([r.split, r.volume, r.error])
+    atomic_write_text(path, buf.getvalue())
+
+
+def run_segment_cli(args: argparse.Namespace) -> int:
+    """``fvlm segment``: 0 when every volume of this run has a map, 1 when some failed."""
+    from fvlm.data.preprocess import parse_reconstructions, parse_shard
+
+    if bool(args.data) == bool(args.pairs):
+        raise ValueError("give exactly one of --data (CT-RATE root, with --split) or --pairs (volume,image,label CSV)")
+    if args.data and not args.split:
+        raise ValueError("--data needs --split (train or valid)")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.verify not in ("header", "full"):
+        raise ValueError(f"--verify must be header or full, got {args.verify!r}")
+    shard = parse_shard(args.shard)
+    table = load_anatomy_table(args.anatomy_table)
+    roi = roi_subset(table)
+    runner = find_totalsegmentator(args.totalseg_cmd, roi, fast=args.fast, device=args.device, task=args.task,
+                                   timeout=args.timeout)
+    if args.data:
+        jobs = ctrate_segment_jobs(args.data, args.split, version=args.version,
+                                   reconstructions=parse_reconstructions(args.reconstructions),
+                                   exclude_no_chest=args.exclude_no_chest)
+        default_failures = Path(args.data) / "dataset" / f"{args.split}_mask" / "segment_failures.csv"
+    else:
+        jobs = pairs_segment_jobs(args.pairs, default_split=args.split or "valid")
+        default_failures = Path(args.pairs).with_name(Path(args.pairs).stem + "_segment_failures.csv")
+    if not jobs:
+        raise FileNotFoundError(f"no volumes found in {args.data or args.pairs}")
+    log.info("anatomy table %r: roi_subset of %d classes: %s", table.name, len(roi), " ".join(roi))
+    summary = run_segment(jobs, runner, workers=args.workers, shard=shard, limit=args.limit, verify=args.verify,
+                          tmp_dir=args.tmp_dir or None)
+    failures = Path(args.failures) if args.failures else default_failures
+    if shard[1] > 1 and not args.failures:
+        failures = failures.with_name(f"{failures.stem}.shard{shard[0]}of{shard[1]}.csv")
+    if summary.failed or failures.exists():
+        write_failures(failures, summary)
+        if summary.failed:
+            log.error("%d volume(s) failed; listed in %s", len(summary.failed), failures)
+    return 1 if summary.failed else 0

@@ -1,0 +1,217 @@
+"""Zero-shot diagnosis: the released (CT-CLIP) protocol, batched.
+
+For every volume of a split and every anatomy present in it: a crop centred on the anatomy's bounding
+box, of size ``max(data.eval_crop_size, bbox extent)`` rounded up to the patch size, kept inside the
+volume (padded where the volume is smaller); the mask keeps only that anatomy. The crop is encoded and
+pooled to the anatomy's embedding, which is compared with each prompt pair of that anatomy:
+``p = softmax([sim(negative), sim(positive)] / temperature)[positive]``.
+
+``scores.csv`` has ``VolumeName`` (CT-RATE style, with ``.nii.gz``) and one column per scored label; a
+volume whose anatomy is absent gets an empty cell, never a silent 0 (the missing-score policy belongs to
+:mod:`fvlm.metrics`). Crops of equal shape from different volumes share a forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.config import Config
+from fvlm.data import store
+from fvlm.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """One anatomy-centred crop: which volume, which anatomy (0-based; -1 = whole volume), where."""
+
+    volume: str
+    anatomy: int
+    start: tuple[int, int, int]  # may be negative / exceed the volume: the outside is padded
+    size: tuple[int, int, int]
+
+
+def centred_crop(bbox: tuple[int, int, int, int, int, int], shape: tuple[int, ...], min_size: tuple[int, ...],
+                 patch: tuple[int, ...]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Start and size of a crop centred on ``bbox`` (z0, z1, y0, y1, x0, x1; end-exclusive).
+
+    size = max(min_size, bbox extent) rounded up to a multiple of the patch size; the window is shifted to
+    lie inside the volume where the volume is large enough, else centred on the volume and padded.
+    """
+    start, size = [], []
+    for ax in range(3):
+        lo, hi = bbox[2 * ax], bbox[2 * ax + 1]
+        s = max(min_size[ax], hi - lo)
+        s = -(-s // patch[ax]) * patch[ax]
+        n = shape[ax]
+        if n >= s:
+            st = (lo + hi) // 2 - s // 2
+            st = min(max(st, 0), n - s)
+        else:
+            st = -((s - n) // 2)
+        start.append(int(st))
+        size.append(int(s))
+    return tuple(start), tuple(size)  # type: ignore[return-value]
+
+
+def read_crop(vol: store.ProcessedVolume, spec: CropSpec, hu_window: tuple[float, float]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Windowed image ``(1, D, H, W)`` float32 and mask ``(D, H, W)`` uint8 keeping only ``spec.anatomy``."""
+    src, dst = [], []
+    for st, s, n in zip(spec.start, spec.size, vol.image.shape):
+        a, b = max(st, 0), min(st + s, n)
+        src.append(slice(a, b))
+        dst.append(slice(a - st, b - st))
+    image = np.full(spec.size, hu_window[0], dtype=np.int16)
+    mask = np.zeros(spec.size, dtype=np.uint8)
+    image[tuple(dst)] = vol.image[tuple(src)]
+    if spec.anatomy < 0:
+        mask[tuple(dst)] = 1
+    else:
+        m = np.asarray(vol.mask[tuple(src)])
+        mask[tuple(dst)] = (m == spec.anatomy + 1) * np.uint8(spec.anatomy + 1)
+    return store.window(image, hu_window)[None], mask
+
+
+class CropDataset(torch.utils.data.Dataset):
+    def __init__(self, root: Path, split: str, specs: list[CropSpec], hu_window: tuple[float, float]):
+        self.root, self.split, self.specs, self.hu_window = root, split, specs, hu_window
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        spec = self.specs[i]
+        image, mask = read_crop(store.open_volume(self.root, self.split, spec.volume), spec, self.hu_window)
+        return image, mask, i
+
+
+def _collate(items):
+    images, masks, idx = zip(*items)
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), list(idx)
+
+
+def crop_specs(root: Path, split: str, cfg: Config, table: AnatomyTable, global_mode: bool) -> tuple[
+        list[str], list[CropSpec]]:
+    """The crops to encode for every ok volume of a split (from the bounding boxes in meta.json)."""
+    volumes = store.list_volumes(root, split)
+    if not volumes:
+        raise ValueError(f"{root}: no successfully preprocessed volumes of split {split!r}")
+    specs = []
+    for v in volumes:
+        meta = store.read_meta(root, split, v)
+        shape = tuple(meta["shape"])
+        boxes = {name: info.get("bbox") for name, info in meta["anatomies"].items() if info.get("voxels", 0) > 0}
+        if global_mode:
+            if not boxes:
+                continue
+            union = [min(b[0] for b in boxes.values()), max(b[1] for b in boxes.values()),
+                     min(b[2] for b in boxes.values()), max(b[3] for b in boxes.values()),
+                     min(b[4] for b in boxes.values()), max(b[5] for b in boxes.values())]
+            start, size = centred_crop(tuple(union), shape, cfg.data.eval_crop_size, cfg.model.vision.patch_size)
+            specs.append(CropSpec(v, -1, start, size))
+            continue
+        for k, name in enumerate(table.names):
+            if name in boxes:
+                start, size = centred_crop(tuple(boxes[name]), shape, cfg.data.eval_crop_size,
+                                           cfg.model.vision.patch_size)
+                specs.append(CropSpec(v, k, start, size))
+    return volumes, specs
+
+
+def _shape_batches(specs: list[CropSpec], batch_size: int) -> list[list[int]]:
+    by_shape: dict[tuple[int, int, int], list[int]] = {}
+    for i, s in enumerate(specs):
+        by_shape.setdefault(s.size, []).append(i)
+    return [idx[j : j + batch_size] for idx in by_shape.values() for j in range(0, len(idx), batch_size)]
+
+
+@torch.no_grad()
+def anatomy_embeddings(model: torch.nn.Module, cfg: Config, table: AnatomyTable, root: str | Path, split: str,
+                       device: torch.device, batch_size: int = 0, num_workers: int | None = None
+                       ) -> tuple[list[str], np.ndarray]:
+    """Image embeddings of every volume and anatomy.
+
+    Returns:
+        volumes: the N volume names;
+        features: float32 ``(N, A, E)`` (``A = 1`` for a global-mode model), NaN where the anatomy is absent.
+    """
+    from fvlm.train import autocast_context
+
+    root = Path(root)
+    global_mode = cfg.loss.mode == "global"
+    volumes, specs = crop_specs(root, split, cfg, table, global_mode)
+    a = 1 if global_mode else len(table)
+    features = np.full((len(volumes), a, cfg.model.embed_dim), np.nan, dtype=np.float32)
+    row = {v: i for i, v in enumerate(volumes)}
+    batches = _shape_batches(specs, batch_size or cfg.eval.batch_size)
+    loader = torch.utils.data.DataLoader(
+        CropDataset(root, split, specs, cfg.data.hu_window), batch_sampler=batches, collate_fn=_collate,
+        num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+    for image, mask, idx in tqdm(loader, desc=f"encode {split}", unit="batch", dynamic_ncols=True):
+        with autocast_context(cfg, device):
+            feats, present = model.encode_image(image.to(device), mask.to(device))
+        feats, present = feats.float().cpu().numpy(), present.cpu().numpy()
+        for j, i in enumerate(idx):
+            s = specs[i]
+            k = max(s.anatomy, 0)
+            if present[j, k]:
+                features[row[s.volume], k] = feats[j, k]
+    return volumes, features
+
+
+@torch.no_grad()
+def prompt_probabilities(model: torch.nn.Module, cfg: Config, table: AnatomyTable, features: np.ndarray,
+                         device: torch.device) -> dict[str, np.ndarray]:
+    """label -> ``(N,)`` probability of the positive prompt (NaN where the anatomy is absent)."""
+    prompts = table.prompts
+    if not prompts:
+        raise ValueError(f"anatomy table {table.name!r} has no prompts to score")
+    texts = [t for p in prompts for t in (p.negative, p.positive)]
+    tok = model.tokenizer(texts, padding="longest", truncation=True, max_length=cfg.model.text.max_length,
+                          return_tensors="pt")
+    text = model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float().cpu()
+    temperature = float(model.temperature())
+    feats = torch.from_numpy(features)
+    out = {}
+    for j, p in enumerate(prompts):
+        k = 0 if cfg.loss.mode == "global" else table.index(p.anatomy)
+        sims = feats[:, k] @ text[2 * j : 2 * j + 2].T  # (N, 2): [negative, positive]
+        out[p.label] = torch.softmax(sims / temperature, dim=-1)[:, 1].numpy()
+    return out
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Path, device: str = "auto",
+             batch_size: int = 0, anatomy_table: str | None = None) -> pd.DataFrame:
+    """Score every volume of ``split``; writes ``out`` (CSV) atomically and returns the table."""
+    from fvlm.checkpoint import load_model
+    from fvlm.train import resolve_device
+
+    dev = resolve_device(device)
+    model, cfg, table = load_model(checkpoint, dev)
+    if anatomy_table:
+        other = load_anatomy_table(anatomy_table)
+        if other.names != table.names:
+            raise ValueError(f"--anatomy-table {anatomy_table}: anatomies {other.names} differ from the model's "
+                             f"{table.names}; only the prompts may change")
+        table = other
+    volumes, features = anatomy_embeddings(model, cfg, table, data, split, dev, batch_size)
+    probs = prompt_probabilities(model, cfg, table, features, dev)
+    df = pd.DataFrame({"VolumeName": [f"{v}.nii.gz" for v in volumes], **probs})
+    with atomic_path(out, suffix=".csv") as tmp:
+        df.to_csv(tmp, index=False, na_rep="")
+    missing = {k: int(np.isnan(v).sum()) for k, v in probs.items() if np.isnan(v).any()}
+    log.info("scored %d volumes x %d labels -> %s%s", len(df), len(probs), out,
+             f"; empty cells (anatomy absent): {missing}" if missing else "")
+    if table.unscored:
+        log.info("not scored by table %r: %s", table.name, ", ".join(table.unscored))
+    return df
