@@ -12,8 +12,8 @@ Both variants use the same model weights and the same batch, in the same run:
 
 Two timings: *pooling + loss* (forward + backward of membership, anatomy attention, projections and loss,
 from fixed token levels and text features) and the *whole step* (forward, loss, backward, AdamW step).
-Reports min and median over repeats (timings swing 2-3x on a shared machine) and samples/s, plus peak GPU
-memory on CUDA. A correctness check compares the two losses in eval mode.
+Reports min and median over repeats, the variants interleaved (timings swing 2-3x on a shared machine),
+samples/s, and peak GPU memory on CUDA. A correctness check compares the two losses in eval mode.
 
     python benchmarks/train_step.py                       # CPU, demo preset dims, batch 14, A = 4
     python benchmarks/train_step.py --device cuda         # GPU: paper preset (ViT-B, BERT-base size), batch 14
@@ -191,33 +191,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_it(fn, device: torch.device, repeats: int, warmup: int = 2, setup=None) -> dict:
-    """Run ``fn`` warmup + repeats times (``setup`` before each, untimed); seconds per call (min, median),
-    peak CUDA memory; ``{"error": "out of memory"}`` if the variant does not fit the GPU."""
-    try:
-        for _ in range(warmup):
+def time_variants(fns: dict, device: torch.device, repeats: int, warmup: int = 2, setup=None) -> dict:
+    """Time each variant ``repeats`` times, interleaved (ours, baseline, ours, ...) so that load changes on a
+    shared machine hit all variants alike; ``setup`` runs untimed before each call.
+
+    Returns per variant: seconds per call (min, median, all), peak CUDA memory, or ``{"error": "out of
+    memory"}`` if the variant does not fit the GPU (the others still run).
+    """
+    times: dict = {name: [] for name in fns}
+    peak: dict = dict.fromkeys(fns, 0.0)
+    failed: set = set()
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
             if setup:
                 setup()
-            fn()
-        _sync(device)
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                dt = time.perf_counter() - t0
+            except torch.cuda.OutOfMemoryError:
+                log.warning("%s: out of GPU memory", name)
+                failed.add(name)
+                torch.cuda.empty_cache()
+                continue
+            if i >= warmup:
+                times[name].append(dt)
+                if device.type == "cuda":
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated() / 2**30)
+    out = {}
+    for name in fns:
+        if name in failed:
+            out[name] = {"error": "out of memory"}
+            continue
+        t = times[name]
+        out[name] = {"min_s": min(t), "median_s": statistics.median(t), "times_s": t}
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(repeats):
-            if setup:
-                setup()
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    except torch.cuda.OutOfMemoryError:
-        log.warning("out of GPU memory")
-        torch.cuda.empty_cache()
-        return {"error": "out of memory"}
-    out = {"min_s": min(times), "median_s": statistics.median(times), "times_s": times}
-    if device.type == "cuda":
-        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            out[name]["peak_memory_gib"] = peak[name]
     return out
 
 
@@ -317,8 +332,8 @@ def run(args: argparse.Namespace) -> dict:
     for name, ours_fn, base_fn, setup in (("pool_loss", pool_ours, pool_base, None),
                                           ("step", step(ours_forward_loss, opt_ours, autocast),
                                            step(baseline_forward_loss, opt_base, nullcontext), reset)):
-        r_ours = time_it(ours_fn, device, args.repeats, setup=setup)
-        r_base = time_it(base_fn, device, args.repeats, setup=setup)
+        timed = time_variants({"ours": ours_fn, "baseline": base_fn}, device, args.repeats, setup=setup)
+        r_ours, r_base = timed["ours"], timed["baseline"]
         results[name] = {"ours": r_ours, "baseline": r_base}
         if "error" in r_ours or "error" in r_base:
             log.info("%-9s ours %s, baseline %s", name, r_ours, r_base)

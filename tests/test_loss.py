@@ -216,3 +216,17 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="anatomy names"):
         anatomy_contrastive_loss(img, txt, torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool),
                                  torch.zeros(2, 2, dtype=torch.long), 0.07, anatomy_names=["lung"])
+
+
+def test_loss_is_float32_inside_autocast():
+    g = torch.Generator().manual_seed(7)
+    img, txt = _features(6, 2, e=32, seed=4)
+    valid = torch.ones(6, 2, dtype=torch.bool)
+    is_normal = torch.rand(6, 2, generator=g) < 0.5
+    is_normal[0] = False
+    text_id = torch.arange(12).view(6, 2)
+    ref = anatomy_contrastive_loss(img, txt, valid, is_normal, text_id, 0.01)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = anatomy_contrastive_loss(img, txt, valid, is_normal, text_id, 0.01)["loss"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)

@@ -357,19 +357,20 @@ def test_resume_skips_complete_and_redoes_damaged(processed, tmp_path):
     src, _ = processed
     out = tmp_path / "copy"
     shutil.copytree(src, out)
-    mtimes = {v: (out / "valid" / v / "image.npy").stat().st_mtime_ns for v in ("valid_1_a_2", "valid_2_a_1")}
-    damaged = out / "valid" / "valid_1_a_1" / "image.npy"
+    mtimes = {v: (out / "valid" / v / store.IMAGE).stat().st_mtime_ns for v in ("valid_1_a_2", "valid_2_a_1")}
+    damaged = out / "valid" / "valid_1_a_1" / store.IMAGE
     damaged.write_bytes(damaged.read_bytes()[:100])
     leftover = out / "valid" / ".tmp.valid_1_a_2.deadbeef"
     leftover.mkdir()
-    (leftover / "image.npy").write_bytes(b"partial")
+    (leftover / store.IMAGE).write_bytes(b"partial")
     args = ["preprocess", "--data", str(_root_of(src)), "--out", str(out), *CFG]
     rc = main(args)
     assert rc == 1  # the bad volumes still fail
     assert store.is_complete(out, "valid", "valid_1_a_1")
-    np.testing.assert_array_equal(np.load(src / "valid/valid_1_a_1/image.npy"), np.load(damaged))
+    np.testing.assert_array_equal(store.open_volume(src, "valid", "valid_1_a_1").image[...],
+                                  store.open_volume(out, "valid", "valid_1_a_1").image[...])
     for v, t in mtimes.items():
-        assert (out / "valid" / v / "image.npy").stat().st_mtime_ns == t  # skipped, untouched
+        assert (out / "valid" / v / store.IMAGE).stat().st_mtime_ns == t  # skipped, untouched
     assert not leftover.exists()
 
 

@@ -177,6 +177,45 @@ def build_parser() -> argparse.ArgumentParser:
                         "documented convention, or flip every volume")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--limit", type=int, default=0, help="convert only the first N volumes (0 = all)")
+
+    p = sub.add_parser("predict", help="zero-shot findings for one scan (NIfTI file or DICOM folder) -> JSON [+ PNG]")
+    p.add_argument("scan", help="NIfTI file (.nii/.nii.gz, HU), DICOM series folder, or a 3D image SimpleITK reads")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--mask", help="TotalSegmentator v2 'total' multilabel map of the scan (TotalSegmentator --ml); "
+                                  "default: run TotalSegmentator if available")
+    p.add_argument("--out", help="result JSON (default: print to stdout)")
+    p.add_argument("--png", help="overlay picture: axial + coronal slices, anatomy contours, top findings")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--series", default="", help="DICOM SeriesInstanceUID when the folder holds several series "
+                                                "(default: the one with most slices)")
+    p.add_argument("--totalseg-cmd", default="", help="TotalSegmentator executable (without --mask; default: the "
+                                                      "Python API if installed, else TotalSegmentator on PATH)")
+    p.add_argument("--totalseg-device", default="", help="TotalSegmentator --device: gpu, gpu:N or cpu")
+    p.add_argument("--fast", action="store_true", help="TotalSegmentator's 3 mm model (faster, coarser)")
+    p.add_argument("--save-mask", default="", help="keep the label map TotalSegmentator made (reuse with --mask)")
+
+    p = sub.add_parser("convert-official", help="convert the authors' released fVLM checkpoint (LAVIS format) into "
+                                                "a run directory")
+    p.add_argument("ckpt", help="released checkpoint (torch file with a 'model' state dict)")
+    p.add_argument("--out", required=True, help="run directory to write (checkpoints/, config.json, ...)")
+    p.add_argument("--text-model", default="", help="local CXR-BERT directory (BiomedVLP-CXR-BERT-specialized): "
+                                                    "tokenizer, and text weights the checkpoint may lack")
+    p.add_argument("--tokenizer", default="", help="tokenizer directory (default: --text-model)")
+    p.add_argument("--anatomy-table", default="released", help="anatomy table of the checkpoint (name or JSON)")
+    _add_config_args(p, default="paper_vitb")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="if the file needs more than tensors to load (weights_only fails), unpickle it anyway: "
+                        "runs code from the file, so only for files from a source you trust")
+
+    p = sub.add_parser("embed", help="per-volume, per-anatomy image and text embeddings -> safetensors "
+                                     "(input of fvlm metrics --retrieval)")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--data", required=True, help="processed data directory")
+    p.add_argument("--split", default="valid")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--texts", default="", help="directory with desc_info.json / conc_info.json (default: DATA/texts)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=0, help="crops per forward pass (0 = config)")
     return parser
 
 
@@ -248,6 +287,26 @@ def _cmd_radchestct(args: argparse.Namespace) -> int:
     return run_radchestct_cli(args)
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fvlm.predict import run_predict_cli
+
+    return run_predict_cli(args)
+
+
+def _cmd_convert_official(args: argparse.Namespace) -> int:
+    from fvlm.convert import run_convert_cli
+
+    return run_convert_cli(args)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from fvlm.embed import embed
+
+    embed(args.checkpoint, data=args.data, split=args.split, out=args.out, device=args.device,
+          batch_size=args.batch_size, texts=args.texts or None)
+    return 0
+
+
 COMMANDS = {
     "synth": _cmd_synth,
     "preprocess": _cmd_preprocess,
@@ -259,6 +318,9 @@ COMMANDS = {
     "check-data": _cmd_check_data,
     "segment": _cmd_segment,
     "radchestct": _cmd_radchestct,
+    "predict": _cmd_predict,
+    "convert-official": _cmd_convert_official,
+    "embed": _cmd_embed,
 }
 
 

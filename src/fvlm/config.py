@@ -54,6 +54,9 @@ class TextConfig:
     tokenizer: str = ""  # "" = same as pretrained
     random_init: dict[str, Any] | None = None  # BertConfig fields: build a randomly initialised BERT (tests)
     max_length: int = 384
+    num_layers: int = 0  # > 0: keep only the first num_layers transformer layers of the pretrained BERT
+    freeze_layers: int = 0  # > 0: freeze the embeddings and the lowest freeze_layers layers (no dropout there)
+    pooling: str = "cls"  # "cls" (the released [CLS] state) or "mean" (masked mean, for sentence-transformers)
 
 
 @dataclass
@@ -123,6 +126,8 @@ class Config:
             raise ValueError(f"model.vision.width={v.width} must be divisible by heads and pool_heads")
         if self.loss.mode not in ("anatomy", "global"):
             raise ValueError(f"loss.mode must be 'anatomy' or 'global', got {self.loss.mode!r}")
+        if self.model.text.pooling not in ("cls", "mean"):
+            raise ValueError(f"model.text.pooling must be 'cls' or 'mean', got {self.model.text.pooling!r}")
         if self.train.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train.amp must be auto, bf16 or off, got {self.train.amp!r}")
         if self.data.hu_window[0] >= self.data.hu_window[1]:

@@ -141,9 +141,11 @@ def anatomy_contrastive_loss(
     active = (n_abnormal >= 1) & (n_valid >= 2) & ~uniform
     targets = pos.float() / pos.sum(dim=-1, keepdim=True).clamp(min=1)
 
-    logits = torch.bmm(img, txt.transpose(1, 2)) / temp.float()  # (A, N, N): image i vs text j
-    i2t = _soft_cross_entropy(logits, targets, v)
-    t2i = _soft_cross_entropy(logits.transpose(1, 2), targets, v)
+    # float32 even inside an autocast region (bmm would otherwise run in bf16: logits up to 1 / temp_min)
+    with torch.autocast(img.device.type, enabled=False):
+        logits = torch.bmm(img, txt.transpose(1, 2)) / temp.float()  # (A, N, N): image i vs text j
+        i2t = _soft_cross_entropy(logits, targets, v)
+        t2i = _soft_cross_entropy(logits.transpose(1, 2), targets, v)
     terms = torch.where(active, (i2t + t2i) / 2, torch.zeros_like(i2t))
     # 0 * (local features, temperature): the graph always reaches every input, even with no active anatomy
     loss = terms.sum() + 0.0 * (local.float() + temperature.float())

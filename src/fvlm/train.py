@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -232,7 +233,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     log.info("training %s mode on %s x %d: %d scans, %d batches/epoch/rank, %d optimizer steps, anatomies %s",
              cfg.loss.mode, dev, world, len(dataset), micro_per_epoch, total_steps, names)
     bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not dist.is_main(),
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     model.train()
     t0, seen = time.perf_counter(), 0
     terms_sum: dict[str, float] = {}
@@ -275,7 +276,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
                 bar.set_postfix(loss=f"{terms_sum.get('loss', 0):.3f}", samples_s=f"{rate:.1f}")
                 if logger is not None and (step % cfg.train.log_every == 0 or step == last_step):
                     row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                           "temperature": float(outputs["temperature"]), "samples_per_s": rate, **terms_sum}
+                           "temperature": float(outputs["temperature"].detach()), "samples_per_s": rate, **terms_sum}
                     logger.write(row)
                 terms_sum = {}
                 if step % cfg.train.ckpt_every == 0 or step == last_step:

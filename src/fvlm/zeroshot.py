@@ -100,6 +100,33 @@ def _collate(items):
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), list(idx)
 
 
+def volume_crop_specs(volume: str, meta: dict, cfg: Config, table: AnatomyTable, global_mode: bool
+                      ) -> list[CropSpec]:
+    """The crops of one processed volume from its ``meta`` (``shape`` and ``anatomies`` {name: {voxels, bbox}}):
+    one per present anatomy, or one around the union of the anatomies' boxes in global mode (none if no anatomy).
+
+    Shared by :func:`crop_specs` (stored volumes) and :mod:`fvlm.predict` (a volume in memory), so a single
+    scan is cropped exactly as evaluation crops it.
+    """
+    shape = tuple(meta["shape"])
+    boxes = {name: info.get("bbox") for name, info in meta["anatomies"].items() if info.get("voxels", 0) > 0}
+    if global_mode:
+        if not boxes:
+            return []
+        union = [min(b[0] for b in boxes.values()), max(b[1] for b in boxes.values()),
+                 min(b[2] for b in boxes.values()), max(b[3] for b in boxes.values()),
+                 min(b[4] for b in boxes.values()), max(b[5] for b in boxes.values())]
+        start, size = centred_crop(tuple(union), shape, cfg.data.eval_crop_size, cfg.model.vision.patch_size)
+        return [CropSpec(volume, -1, start, size)]
+    specs = []
+    for k, name in enumerate(table.names):
+        if name in boxes:
+            start, size = centred_crop(tuple(boxes[name]), shape, cfg.data.eval_crop_size,
+                                       cfg.model.vision.patch_size)
+            specs.append(CropSpec(volume, k, start, size))
+    return specs
+
+
 def crop_specs(root: Path, split: str, cfg: Config, table: AnatomyTable, global_mode: bool) -> tuple[
         list[str], list[CropSpec]]:
     """The crops to encode for every ok volume of a split (from the bounding boxes in meta.json)."""
@@ -108,23 +135,7 @@ def crop_specs(root: Path, split: str, cfg: Config, table: AnatomyTable, global_
         raise ValueError(f"{root}: no successfully preprocessed volumes of split {split!r}")
     specs = []
     for v in volumes:
-        meta = store.read_meta(root, split, v)
-        shape = tuple(meta["shape"])
-        boxes = {name: info.get("bbox") for name, info in meta["anatomies"].items() if info.get("voxels", 0) > 0}
-        if global_mode:
-            if not boxes:
-                continue
-            union = [min(b[0] for b in boxes.values()), max(b[1] for b in boxes.values()),
-                     min(b[2] for b in boxes.values()), max(b[3] for b in boxes.values()),
-                     min(b[4] for b in boxes.values()), max(b[5] for b in boxes.values())]
-            start, size = centred_crop(tuple(union), shape, cfg.data.eval_crop_size, cfg.model.vision.patch_size)
-            specs.append(CropSpec(v, -1, start, size))
-            continue
-        for k, name in enumerate(table.names):
-            if name in boxes:
-                start, size = centred_crop(tuple(boxes[name]), shape, cfg.data.eval_crop_size,
-                                           cfg.model.vision.patch_size)
-                specs.append(CropSpec(v, k, start, size))
+        specs.extend(volume_crop_specs(v, store.read_meta(root, split, v), cfg, table, global_mode))
     return volumes, specs
 
 
@@ -170,16 +181,30 @@ def anatomy_embeddings(model: torch.nn.Module, cfg: Config, table: AnatomyTable,
 
 
 @torch.no_grad()
-def prompt_probabilities(model: torch.nn.Module, cfg: Config, table: AnatomyTable, features: np.ndarray,
-                         device: torch.device) -> dict[str, np.ndarray]:
-    """label -> ``(N,)`` probability of the positive prompt (NaN where the anatomy is absent)."""
+def prompt_text_features(model: torch.nn.Module, cfg: Config, table: AnatomyTable, device: torch.device
+                         ) -> torch.Tensor:
+    """float32 ``(2P, E)`` (CPU) features of the table's P prompt pairs, ordered negative_0, positive_0, ...
+
+    They do not depend on the volumes: callers that score many batches (``fvlm predict``) compute them once.
+    """
     prompts = table.prompts
     if not prompts:
         raise ValueError(f"anatomy table {table.name!r} has no prompts to score")
     texts = [t for p in prompts for t in (p.negative, p.positive)]
     tok = model.tokenizer(texts, padding="longest", truncation=True, max_length=cfg.model.text.max_length,
                           return_tensors="pt")
-    text = model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float().cpu()
+    return model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float().cpu()
+
+
+@torch.no_grad()
+def prompt_probabilities(model: torch.nn.Module, cfg: Config, table: AnatomyTable, features: np.ndarray,
+                         device: torch.device, text_features: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """label -> ``(N,)`` probability of the positive prompt (NaN where the anatomy is absent).
+
+    ``text_features``: the result of :func:`prompt_text_features` for this model and table (computed when None).
+    """
+    prompts = table.prompts
+    text = prompt_text_features(model, cfg, table, device) if text_features is None else text_features
     temperature = float(model.temperature())
     feats = torch.from_numpy(features)
     out = {}

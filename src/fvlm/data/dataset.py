@@ -198,18 +198,16 @@ class Collate:
         self.max_length = max_length
 
     def __call__(self, samples: list[Sample]) -> dict[str, Any]:
-        unique: dict[str, int] = {}
-        index = [[unique.setdefault(t, len(unique)) for t in s.texts] for s in samples]
-        texts = list(unique)
-        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        from fvlm.model.text_encoder import tokenize_unique
+
+        tok = tokenize_unique(self.tokenizer, [s.texts for s in samples], self.max_length)
         return {
             "image": torch.from_numpy(np.stack([s.image for s in samples])),
             "mask": torch.from_numpy(np.stack([s.mask for s in samples])),
             "valid": torch.from_numpy(np.stack([s.valid for s in samples])),
             "is_normal": torch.from_numpy(np.stack([s.is_normal for s in samples])),
             "text_id": torch.tensor([[text_id(t) for t in s.texts] for s in samples], dtype=torch.int64),
-            "text_index": torch.tensor(index, dtype=torch.int64),
+            "text_index": tok["text_index"],
             "text_input_ids": tok["input_ids"],
             "text_attention_mask": tok["attention_mask"],
             "volume": [s.volume for s in samples],

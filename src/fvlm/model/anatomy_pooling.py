@@ -85,7 +85,7 @@ def anatomy_attention(levels: Sequence[torch.Tensor], membership: torch.Tensor, 
     b_q = b_kv = None
     if attention.in_proj_bias is not None:
         b_q, b_kv = attention.in_proj_bias[:width], attention.in_proj_bias[width:]
-    q = F.linear(query_tokens, w_q, b_q).view(1, a, heads, hd).transpose(1, 2).expand(b, -1, -1, -1)
+    q = F.linear(query_tokens, w_q, b_q).view(1, a, heads, hd).transpose(1, 2).expand(b, -1, -1, -1).contiguous()
     kv = F.linear(keys, w_kv, b_kv).view(b, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)  # projected once
     dropout = attention.dropout if attention.training else 0.0
     out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=key_mask[:, None], dropout_p=dropout)

@@ -23,7 +23,7 @@ from torch import nn
 from fvlm.config import Config
 from fvlm.io import atomic_path
 from fvlm.model.anatomy_pooling import anatomy_attention, project_anatomies, token_membership
-from fvlm.model.text_encoder import build_text_encoder, encode_cls
+from fvlm.model.text_encoder import build_text_encoder, encode_cls, frozen_text_modules
 from fvlm.model.vit3d import ViT3D, load_mae_weights
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,15 @@ class FVLM(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, num_anatomies, width))  # zero init, as released
         self.attention = nn.MultiheadAttention(width, m.pool_heads, dropout=m.pool_dropout, batch_first=True)
         self.temp = nn.Parameter(torch.tensor(float(m.temp_init)))
+        self._frozen_text = frozen_text_modules(self.text_encoder, m.text.freeze_layers)
+        self.text_pooling = m.text.pooling
+
+    def train(self, mode: bool = True) -> FVLM:
+        """Frozen text layers stay in eval mode (no dropout): they are fixed feature extractors."""
+        super().train(mode)
+        for module in self._frozen_text:
+            module.eval()
+        return self
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -88,7 +97,8 @@ class FVLM(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text features (U, E), L2-normalised, of token ids and attention mask (U, L)."""
-        return F.normalize(self.text_proj(encode_cls(self.text_encoder, input_ids, attention_mask)), dim=-1)
+        state = encode_cls(self.text_encoder, input_ids, attention_mask, pooling=self.text_pooling)
+        return F.normalize(self.text_proj(state), dim=-1)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Encode a training batch (keys: ``image``, ``mask``, ``text_input_ids``, ``text_attention_mask``,

@@ -93,6 +93,19 @@ def build_text_encoder(cfg: TextConfig) -> tuple[BertModel, PreTrainedTokenizerB
         unused = info.get("unexpected_keys", [])
         log.info("text encoder: BERT from %s (%d unused checkpoint tensors, e.g. heads: %s)",
                  path, len(unused), sorted(unused)[:3])
+    layers = model.encoder.layer
+    if cfg.num_layers:
+        if not 0 < cfg.num_layers <= len(layers):
+            raise ValueError(f"model.text.num_layers={cfg.num_layers} must lie in 1..{len(layers)}")
+        model.encoder.layer = torch.nn.ModuleList(list(layers)[: cfg.num_layers])
+        model.config.num_hidden_layers = cfg.num_layers
+        log.info("text encoder: keeping the first %d of %d layers", cfg.num_layers, len(layers))
+    if cfg.freeze_layers:
+        if not 0 < cfg.freeze_layers <= len(model.encoder.layer):
+            raise ValueError(f"model.text.freeze_layers={cfg.freeze_layers} must lie in 1..{len(model.encoder.layer)}")
+        for module in frozen_text_modules(model, cfg.freeze_layers):
+            module.requires_grad_(False)
+        log.info("text encoder: embeddings and the lowest %d layers frozen", cfg.freeze_layers)
     max_pos = model.config.max_position_embeddings
     if cfg.max_length > max_pos:
         raise ValueError(f"model.text.max_length={cfg.max_length} exceeds the text model's "
@@ -102,9 +115,43 @@ def build_text_encoder(cfg: TextConfig) -> tuple[BertModel, PreTrainedTokenizerB
     return model, tokenizer
 
 
-def encode_cls(model: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[CLS] hidden state (U, H) of token ids (U, L) with attention mask (U, L) (1 = token, 0 = padding)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+def frozen_text_modules(model: BertModel, freeze_layers: int) -> list[torch.nn.Module]:
+    """The modules that ``text.freeze_layers`` freezes: the embeddings and the lowest layers."""
+    return [model.embeddings, *list(model.encoder.layer)[:freeze_layers]] if freeze_layers else []
+
+
+def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = attention_mask[:, : hidden.shape[1], None].to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def encode_cls(model: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               bucket_size: int = 16, pooling: str = "cls") -> torch.Tensor:
+    """Text state (U, H) of token ids (U, L) with attention mask (U, L) (1 = token, 0 = padding).
+
+    ``pooling="cls"``: the [CLS] hidden state (released); ``"mean"``: the masked mean of the last hidden
+    states (how sentence-transformers models such as all-MiniLM-L6-v2 were trained).
+
+    Texts are encoded in buckets of ``bucket_size`` similar lengths, each trimmed to its own longest text:
+    the result equals one padded call (padding is masked out) while long reports no longer make every short
+    text pay for their length. ``bucket_size <= 0`` encodes all in one call.
+    """
+    u = input_ids.shape[0]
+    if bucket_size <= 0 or u <= bucket_size:
+        length = int(attention_mask.sum(1).max()) if u else 0
+        out = model(input_ids=input_ids[:, :length], attention_mask=attention_mask[:, :length])
+        return _pool(out.last_hidden_state, attention_mask[:, :length], pooling)
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(lengths)
+    parts = []
+    for chunk in order.split(bucket_size):
+        length = int(lengths[chunk].max())
+        out = model(input_ids=input_ids[chunk, :length], attention_mask=attention_mask[chunk, :length])
+        parts.append(_pool(out.last_hidden_state, attention_mask[chunk, :length], pooling))
+    cls = torch.cat(parts)
+    return cls[torch.argsort(order)]
 
 
 def tokenize_unique(tokenizer: PreTrainedTokenizerBase, texts: Sequence[Sequence[str]],

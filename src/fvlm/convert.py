@@ -1,0 +1,387 @@
+"""``fvlm convert-official``: the authors' released fVLM checkpoint (LAVIS format) -> an fvlm run directory.
+
+The released file is a torch file holding ``{"model": state_dict, ...}`` (LAVIS also stores ``optimizer``,
+``config``, ``scaler``, ``epoch``; those are reported and dropped). Its model keys and what becomes of them:
+
+============================================  ================================================================
+released                                      fvlm
+============================================  ================================================================
+``visual_encoder.*`` (MONAI 3D ViT)            same names (``patch_embedding.*``, ``blocks.{i}.*``, ``norm``)
+``text_encoder.bert.*`` or ``text_encoder.*``  ``text_encoder.*`` (HF BertModel without pooler)
+``text_proj.*``, ``vision_projs.{k}.*``        same
+``query_tokens`` (A, W) or (1, A, W)           ``query_tokens`` (1, A, W)
+``attention.*`` (nn.MultiheadAttention)        same
+``temp`` () or (1,)                            ``temp`` ()
+anything else (pooler, MLM heads, cross-       listed as *unmapped* in the report, not loaded
+attention layers, ``module.`` prefixes are
+stripped first)
+============================================  ================================================================
+
+Every model tensor must come from the file (``ValueError`` naming the missing keys otherwise), with one
+exception: LAVIS drops parameters that had ``requires_grad=False`` when it saves, so text-encoder tensors
+that a frozen layer never changed may be absent; they are then taken from ``--text-model`` (the pretrained
+CXR-BERT they were frozen at) and listed in the report.
+
+The text encoder's architecture is read from the checkpoint's shapes (vocabulary, width, layers, MLP size,
+positions; attention heads from ``--text-model``'s config.json, else the config, else width / 64), so the run
+rebuilds exactly that BERT (``model.text.random_init``) with the tokenizer of ``--tokenizer`` / ``--text-model``
+and then loads the converted weights: the run never depends on the pretrained text weights again.
+
+Output: ``RUN/checkpoints/step_{epoch}/`` (``model.safetensors``, ``config.json``, ``anatomy_table.json``),
+``RUN/config.json``, ``RUN/anatomy_table.json`` and ``RUN/conversion.json`` (source, hash, every renamed,
+reshaped, unmapped and filled key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import pickle
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.config import Config, load_config
+from fvlm.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^text_encoder\.encoder\.layer\.(\d+)\.")
+_HF_TEXT_PREFIXES = ("bert.",)
+
+
+def load_official_state(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the released file: ``(model state dict, info)``; info has ``top_level_keys`` and ``epoch``.
+
+    Loads with ``torch.load(weights_only=True)``; when the file needs more than tensors and plain containers,
+    the error says so, and ``trust_pickle=True`` (only for a trusted file: unpickling runs code) loads it anyway.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        if not trust_pickle:
+            first = " ".join(str(e).split())[:400]
+            raise ValueError(
+                f"{path}: torch.load(weights_only=True) refused the file: it holds pickled Python objects besides "
+                f"tensors (LAVIS may store its config or run arguments as objects). Reason: {first}. If the file comes "
+                f"from a source you trust, rerun with --trust-pickle (Python: trust_pickle=True), which unpickles it "
+                f"fully (this can run code from the file); only the model tensors are kept") from None
+        log.warning("%s: weights_only load failed; unpickling it fully because trust_pickle is set", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state, top = obj["model"], sorted(str(k) for k in obj)
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, top = obj, []
+    else:
+        keys = sorted(str(k) for k in obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: expected {{'model': state_dict, ...}} or a state dict, got {keys}")
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path}: the 'model' entry holds no tensors")
+    epoch = obj.get("epoch") if isinstance(obj, dict) else None
+    return tensors, {"top_level_keys": top, "epoch": epoch if isinstance(epoch, int) else None,
+                     "non_tensor_model_entries": sorted(str(k) for k, v in state.items()
+                                                        if not isinstance(v, torch.Tensor))}
+
+
+def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove a ``module.`` prefix that DDP-wrapped saves put on every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def map_official_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Rename and reshape released tensors onto the model's state dict ``target`` (name -> tensor).
+
+    Returns ``(mapped, report)``: mapped = {model name: tensor}; report lists ``renamed`` {released: ours},
+    ``reshaped`` {ours: [from, to]}, ``unmapped`` (released keys with no place in the model) and
+    ``shape_mismatch``. Two released keys that land on the same model key raise ``ValueError``.
+    """
+    state = _strip_module(state)
+    mapped: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    report: dict[str, Any] = {"renamed": {}, "reshaped": {}, "unmapped": [], "shape_mismatch": []}
+    for key, value in state.items():
+        name = key
+        if key.startswith("text_encoder."):
+            rest = key[len("text_encoder."):]
+            for prefix in _HF_TEXT_PREFIXES:
+                if rest.startswith(prefix):
+                    name = "text_encoder." + rest[len(prefix):]
+        if name not in target:
+            report["unmapped"].append(key)
+            continue
+        want = tuple(target[name].shape)
+        if tuple(value.shape) != want:
+            if value.numel() == target[name].numel() and name in ("query_tokens", "temp"):
+                report["reshaped"][name] = [list(value.shape), list(want)]
+                value = value.reshape(want)
+            else:
+                report["shape_mismatch"].append(f"{key}: file {tuple(value.shape)} vs model {name} {want}")
+                continue
+        if name in mapped:
+            raise ValueError(f"released keys {origin[name]!r} and {key!r} both map onto {name!r}")
+        if name != key:
+            report["renamed"][key] = name
+        mapped[name] = value.detach().to(target[name].dtype).clone()
+        origin[name] = key
+    return mapped, report
+
+
+def infer_text_config(state: dict[str, torch.Tensor], heads: int | None = None,
+                      fallback: dict[str, Any] | None = None) -> dict[str, Any]:
+    """BertConfig fields of the text encoder in a (mapped) state dict: vocab_size, hidden_size, num_hidden_layers,
+    intermediate_size, max_position_embeddings, type_vocab_size (from tensor shapes), num_attention_heads
+    (``heads``, else ``fallback``'s, else width / 64).
+
+    ``fallback`` (a text model's config.json fields) supplies what absent tensors cannot tell, e.g. the
+    vocabulary size when LAVIS left out frozen embeddings.
+    """
+    fields = {k: v for k, v in (fallback or {}).items()
+              if k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_act")}
+    shapes = {"vocab_size": ("embeddings.word_embeddings.weight", 0), "hidden_size": ("embeddings.LayerNorm.weight", 0),
+              "max_position_embeddings": ("embeddings.position_embeddings.weight", 0),
+              "type_vocab_size": ("embeddings.token_type_embeddings.weight", 0)}
+    layers = sorted({int(m.group(1)) for k in state if (m := _LAYER.match(k))})
+    if layers:
+        fields["num_hidden_layers"] = layers[-1] + 1
+        width = state.get(f"text_encoder.encoder.layer.{layers[-1]}.output.LayerNorm.weight")
+        if width is not None:
+            fields["hidden_size"] = int(width.shape[0])
+        inter = next((state[k] for k in sorted(state) if k.endswith(".intermediate.dense.weight")
+                      and k.startswith("text_encoder.encoder.layer.")), None)
+        if inter is not None:
+            fields["intermediate_size"] = int(inter.shape[0])
+    for name, (key, dim) in shapes.items():
+        if f"text_encoder.{key}" in state:
+            fields[name] = int(state[f"text_encoder.{key}"].shape[dim])
+    unknown = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                           "max_position_embeddings", "type_vocab_size") if k not in fields]
+    if unknown:
+        raise ValueError(f"cannot tell the text encoder's {unknown} from the checkpoint (its text_encoder tensors "
+                         f"are missing): pass --text-model with the text model it was trained from")
+    fields["num_attention_heads"] = heads or fields.get("num_attention_heads") or max(1, fields["hidden_size"] // 64)
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        raise ValueError(f"text width {fields['hidden_size']} is not divisible by {fields['num_attention_heads']} "
+                         f"attention heads")
+    return fields
+
+
+def config_differences(state: dict[str, torch.Tensor], cfg: Config, num_anatomies: int) -> list[str]:
+    """What the released tensors say about the model's sizes, where the configuration says otherwise (checked
+    before a model is built, so a wrong preset fails fast and by name rather than by tensor shapes)."""
+    diffs = []
+
+    def shape(key: str) -> tuple[int, ...] | None:
+        return tuple(state[key].shape) if key in state else None
+
+    v = cfg.model.vision
+    width = shape("visual_encoder.norm.weight")
+    if width and width[0] != v.width:
+        diffs.append(f"vision width {width[0]} vs model.vision.width={v.width}")
+    blocks = {int(k.split(".")[2]) for k in state if k.startswith("visual_encoder.blocks.")}
+    if blocks and len(blocks) != v.depth:
+        diffs.append(f"{len(blocks)} vision blocks vs model.vision.depth={v.depth}")
+    kernel = shape("visual_encoder.patch_embedding.patch_embeddings.weight")
+    if kernel and tuple(kernel[2:]) != tuple(v.patch_size):
+        diffs.append(f"patch size {list(kernel[2:])} vs model.vision.patch_size={list(v.patch_size)}")
+    mlp = shape("visual_encoder.blocks.0.mlp.linear1.weight")
+    if mlp and mlp[0] != v.mlp_dim:
+        diffs.append(f"vision MLP size {mlp[0]} vs model.vision.mlp_dim={v.mlp_dim}")
+    pos = shape("visual_encoder.patch_embedding.position_embeddings")
+    grid = math.prod(cfg.grid_size)
+    if pos and pos[1] != grid:
+        diffs.append(f"{pos[1]} position embeddings vs the {grid} tokens of data.crop_size="
+                     f"{list(cfg.data.crop_size)} / patch size")
+    proj = shape("text_proj.weight")
+    if proj and proj[0] != cfg.model.embed_dim:
+        diffs.append(f"embedding size {proj[0]} vs model.embed_dim={cfg.model.embed_dim}")
+    queries = state.get("query_tokens")
+    if queries is not None and width and queries.numel() != num_anatomies * width[0]:
+        diffs.append(f"{queries.numel() // width[0]} anatomy queries vs {num_anatomies} anatomies")
+    positions = (cfg.model.text.random_init or {}).get("max_position_embeddings")
+    if positions and cfg.model.text.max_length > positions:
+        diffs.append(f"text model has {positions} positions < model.text.max_length={cfg.model.text.max_length}")
+    return diffs
+
+
+def _text_model_fields(text_model: str) -> dict[str, Any]:
+    """The BertConfig fields of a local text model's config.json."""
+    from fvlm.model.text_encoder import resolve_text_path
+
+    with open(resolve_text_path(text_model) / "config.json") as f:
+        return json.load(f)
+
+
+def _resolved(spec: str) -> str:
+    """An absolute path for a directory (the run must work from any working directory); builtin names as is."""
+    return spec if spec.startswith("builtin:") else str(Path(spec).expanduser().resolve())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_config(config: str | Path, overrides: Sequence[str] | None, text_model: str, tokenizer: str,
+                 text_fields: dict[str, Any]) -> Config:
+    """The run's configuration: the preset (paper_vitb by default) with vision init off and the text encoder
+    set to the checkpoint's architecture, tokenised by ``tokenizer`` (or ``text_model``)."""
+    cfg = load_config(config, list(overrides or []))
+    tok = tokenizer or text_model
+    if not tok:
+        tok = cfg.model.text.tokenizer or cfg.model.text.pretrained
+        from fvlm.model.text_encoder import resolve_text_path
+
+        try:
+            resolve_text_path(tok)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise FileNotFoundError(f"the converted run needs the tokenizer of the checkpoint's text model: pass "
+                                    f"--text-model DIR (local BiomedVLP-CXR-BERT-specialized) or --tokenizer DIR ({e})"
+                                    ) from None
+    cfg.model.vision.pretrained = ""
+    cfg.model.text.random_init = dict(text_fields)
+    cfg.model.text.tokenizer = _resolved(tok)
+    cfg.model.text.pretrained = _resolved(text_model or tok)
+    cfg.model.text.num_layers = 0
+    return cfg.validate()
+
+
+def convert_official(ckpt: str | Path, out: str | Path, text_model: str = "", tokenizer: str = "",
+                     anatomy_table: str | Path = "released", config: str | Path = "paper_vitb",
+                     overrides: Sequence[str] | None = None, trust_pickle: bool = False) -> dict[str, Any]:
+    """Convert the released checkpoint ``ckpt`` into the run directory ``out``; returns the report.
+
+    Raises ``ValueError`` naming the keys when model tensors are missing or shapes disagree with the config
+    (pick the preset of the checkpoint with ``config`` / ``overrides``), ``FileNotFoundError`` for missing inputs.
+    """
+    from fvlm.checkpoint import save_checkpoint
+    from fvlm.model.fvlm import FVLM
+
+    ckpt = Path(ckpt)
+    raw, info = load_official_state(ckpt, trust_pickle)
+    raw = _strip_module(raw)
+    table: AnatomyTable = load_anatomy_table(anatomy_table)
+
+    # the text architecture from the file (after the bert. prefix is gone), heads from the text model / config
+    text_keys = {("text_encoder." + k[len("text_encoder.bert."):]) if k.startswith("text_encoder.bert.") else k: v
+                 for k, v in raw.items() if k.startswith("text_encoder.")}
+    preset = load_config(config, list(overrides or []))
+    extra = _text_model_fields(text_model) if text_model else {}
+    heads = extra.get("num_attention_heads") or (preset.model.text.random_init or {}).get("num_attention_heads")
+    fields = infer_text_config(text_keys, heads, fallback=extra)
+    cfg = build_config(config, overrides, text_model, tokenizer, fields)
+
+    n_anatomies = 1 if cfg.loss.mode == "global" else len(table)
+    diffs = config_differences(raw, cfg, n_anatomies)
+    if diffs:
+        raise ValueError(f"{ckpt} does not fit the {config} config with {n_anatomies} anatomies (table "
+                         f"{table.name!r}): {'; '.join(diffs)}; choose the checkpoint's preset with --config/--set "
+                         f"or its table with --anatomy-table")
+    model = FVLM(cfg, num_anatomies=n_anatomies)
+    target = model.state_dict()
+    mapped, report = map_official_keys(raw, target)
+    if report["shape_mismatch"]:
+        raise ValueError(f"{ckpt}: {len(report['shape_mismatch'])} tensor(s) do not fit the {config} config with "
+                         f"{n_anatomies} anatomies (table {table.name!r}): {report['shape_mismatch'][:6]}; choose the "
+                         f"checkpoint's preset with --config/--set or its table with --anatomy-table")
+    missing = sorted(k for k in target if k not in mapped)
+    filled: list[str] = []
+    text_missing = [k for k in missing if k.startswith("text_encoder.")]
+    if text_missing and text_model and len(text_missing) == len(missing):
+        # frozen text parameters LAVIS did not save: they still hold the pretrained values
+        from transformers import BertModel
+
+        from fvlm.model.text_encoder import resolve_text_path
+
+        pretrained = BertModel.from_pretrained(resolve_text_path(text_model), add_pooling_layer=False,
+                                               local_files_only=True).state_dict()
+        for k in text_missing:
+            src = pretrained.get(k[len("text_encoder."):])
+            if src is not None and tuple(src.shape) == tuple(target[k].shape):
+                mapped[k] = src.to(target[k].dtype).clone()
+                filled.append(k)
+        missing = sorted(k for k in target if k not in mapped)
+        log.warning("%d text-encoder tensor(s) absent from %s were taken from the pretrained text model %s "
+                    "(LAVIS does not save frozen parameters): %s", len(filled), ckpt, text_model, filled[:5])
+    if missing:
+        hint = (" (text-encoder tensors: pass --text-model with the pretrained CXR-BERT if they were frozen during "
+                "training)" if any(k.startswith("text_encoder.") for k in missing) and not text_model else "")
+        raise ValueError(f"{ckpt}: {len(missing)} model tensor(s) missing from the checkpoint{hint}: {missing[:10]}")
+    model.load_state_dict(mapped, strict=True)
+    if len(model.tokenizer) != fields["vocab_size"]:
+        # LAVIS's BLIP tokenizer adds [DEC] and [ENC] to bert-base-uncased (30524 rows); a tokenizer of another
+        # size is not necessarily wrong, but a different vocabulary would silently give meaningless text features
+        log.warning("the checkpoint's text vocabulary has %d rows, the tokenizer %s has %d tokens: make sure it is "
+                    "the tokenizer the checkpoint was trained with", fields["vocab_size"], cfg.model.text.tokenizer,
+                    len(model.tokenizer))
+
+    out = Path(out)
+    step = int(info["epoch"]) if info["epoch"] is not None else 0
+    ckpt_dir = save_checkpoint(out, step, model, cfg, table)
+    cfg.save(out / "config.json")
+    atomic_write_text(out / "anatomy_table.json", json.dumps(table.to_dict(), indent=2) + "\n")
+    result = {
+        "source": str(ckpt.resolve()),
+        "source_bytes": ckpt.stat().st_size,
+        "source_sha256": _sha256(ckpt),
+        "checkpoint": str(ckpt_dir),
+        "config": str(config),
+        "anatomy_table": table.name,
+        "top_level_keys": info["top_level_keys"],
+        "epoch": info["epoch"],
+        "model_tensors": len(target),
+        "mapped": len(mapped) - len(filled),
+        "renamed": report["renamed"],
+        "reshaped": report["reshaped"],
+        "unmapped": report["unmapped"],
+        "filled_from_text_model": filled,
+        "text_encoder": fields,
+        "tokenizer": cfg.model.text.tokenizer,
+        "tokenizer_size": len(model.tokenizer),
+    }
+    atomic_write_text(out / "conversion.json", json.dumps(result, indent=2) + "\n")
+    log.info("converted %s -> %s: %d of %d model tensors from the file (%d renamed, %d reshaped%s), %d unmapped "
+             "extra key(s)%s; dropped top-level entries: %s", ckpt, ckpt_dir, result["mapped"], len(target),
+             len(report["renamed"]), len(report["reshaped"]), f", {len(filled)} from the text model" if filled else "",
+             len(report["unmapped"]), f" ({', '.join(sorted({_kind(k) for k in report['unmapped']}))})"
+             if report["unmapped"] else "", [k for k in info["top_level_keys"] if k != "model"] or "none")
+    return result
+
+
+def _kind(key: str) -> str:
+    """A short family name of an unmapped key for the summary line (e.g. ``text_encoder.cls``)."""
+    parts = key.split(".")
+    if parts[0] == "text_encoder" and len(parts) > 2 and parts[1] == "bert":
+        return ".".join(parts[:3])
+    if "crossattention" in parts:
+        return "text_encoder.*.crossattention"
+    return ".".join(parts[:2])
+
+
+def run_convert_cli(args: argparse.Namespace) -> int:
+    """``fvlm convert-official``."""
+    convert_official(args.ckpt, args.out, text_model=args.text_model, tokenizer=args.tokenizer,
+                     anatomy_table=args.anatomy_table, config=args.config, overrides=args.overrides,
+                     trust_pickle=args.trust_pickle)
+    return 0
+
+
+__all__ = ["build_config", "config_differences", "convert_official", "infer_text_config", "load_official_state",
+           "map_official_keys"]

@@ -1,0 +1,158 @@
+"""fvlm convert-official: a tiny checkpoint in the released (LAVIS) key layout converts into a run that
+reproduces the original model's image and text features; missing keys and pickled extras fail clearly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from fvlm.checkpoint import load_model
+from fvlm.cli import main
+from fvlm.config import load_config
+from fvlm.convert import convert_official, infer_text_config, map_official_keys
+from fvlm.model.fvlm import FVLM
+
+
+@pytest.fixture(scope="module")
+def original():
+    cfg = load_config("tiny")
+    torch.manual_seed(1)
+    model = FVLM(cfg, num_anatomies=4).eval()
+    with torch.no_grad():  # released values are trained: no zero queries, temperature moved from its init
+        model.query_tokens.normal_()
+        model.temp.fill_(0.031)
+    return model
+
+
+def released_layout(model: FVLM, bert_prefix: bool, module_prefix: bool, temp_shape: tuple) -> dict:
+    """The model's tensors under the released checkpoint's names and shapes, plus the extras it carries."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.clone()
+        if k.startswith("text_encoder.") and bert_prefix:
+            k = "text_encoder.bert." + k[len("text_encoder."):]
+        if k == "query_tokens":
+            v = v[0]  # released: (A, W)
+        if k == "temp":
+            v = v.reshape(temp_shape)
+        sd[k] = v
+    w = model.text_encoder.config.hidden_size
+    pre = "text_encoder.bert." if bert_prefix else "text_encoder."
+    sd[pre + "pooler.dense.weight"] = torch.randn(w, w)  # BERT pooler (not in our encoder)
+    sd["text_encoder.cls.predictions.bias"] = torch.randn(10)  # MLM head
+    sd[pre + "encoder.layer.0.crossattention.self.query.weight"] = torch.randn(w, w)  # LAVIS XBert fusion layers
+    sd["visual_encoder.blocks.0.norm_cross_attn.weight"] = torch.randn(model.visual_encoder.width)
+    if module_prefix:
+        sd = {"module." + k: v for k, v in sd.items()}
+    return sd
+
+
+def features(model, cfg):
+    g = torch.Generator().manual_seed(0)
+    d, h, w = cfg.data.crop_size
+    image = torch.rand(2, 1, d, h, w, generator=g)
+    mask = torch.zeros(2, d, h, w, dtype=torch.uint8)
+    for k in range(4):
+        mask[:, 2 * k : 2 * k + 4, 4:20, 8 * k : 8 * k + 8] = k + 1
+    tok = model.tokenizer(["Emphysema.", "Not Emphysema.", "heart shows no significant abnormalities."],
+                          padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        img, present = model.encode_image(image, mask)
+        txt = model.encode_text(tok["input_ids"], tok["attention_mask"])
+    return img, present, txt, model.temperature().detach()
+
+
+@pytest.mark.parametrize("bert_prefix,module_prefix,temp_shape", [(True, False, ()), (False, True, (1,))])
+def test_converted_run_reproduces_the_model(original, tmp_path, bert_prefix, module_prefix, temp_shape):
+    sd = released_layout(original, bert_prefix, module_prefix, temp_shape)
+    src = tmp_path / "fvlm_released.pth"
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+                "config": {"run": {"lr": 1e-4}}, "scaler": None, "epoch": 9}, src)
+    run = tmp_path / "run"
+    assert main(["convert-official", str(src), "--out", str(run), "--config", "tiny",
+                 "--tokenizer", "builtin:minilm"]) == 0
+    report = json.loads((run / "conversion.json").read_text())
+    assert report["mapped"] == report["model_tensors"] == len(original.state_dict())
+    assert report["epoch"] == 9 and report["top_level_keys"] == ["config", "epoch", "model", "optimizer", "scaler"]
+    assert report["reshaped"]["query_tokens"] == [[4, 32], [1, 4, 32]]
+    assert len(report["unmapped"]) == 4 and any("crossattention" in k for k in report["unmapped"])
+    assert ("text_encoder.bert.embeddings.word_embeddings.weight" in report["renamed"]) == bert_prefix
+    assert report["text_encoder"]["num_hidden_layers"] == 2 and report["text_encoder"]["num_attention_heads"] == 2
+    assert (run / "checkpoints" / "step_0000009" / "model.safetensors").is_file()
+    assert (run / "config.json").is_file() and (run / "anatomy_table.json").is_file()
+
+    model, cfg, table = load_model(run)
+    assert table.names == ("lung", "heart", "esophagus", "aorta") and cfg.model.vision.pretrained == ""
+    ours = features(model, cfg)
+    ref = features(original, cfg)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(ours[3]) == pytest.approx(0.031)
+
+
+def test_missing_tensor_and_shape_mismatch_are_errors(original, tmp_path):
+    sd = released_layout(original, True, False, ())
+    del sd["vision_projs.2.bias"]
+    src = tmp_path / "incomplete.pth"
+    torch.save({"model": sd}, src)
+    with pytest.raises(ValueError, match=r"1 model tensor\(s\) missing.*vision_projs\.2\.bias"):
+        convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", config="tiny")
+    # a frozen text layer LAVIS did not save: named, with the way out
+    sd = released_layout(original, True, False, ())
+    del sd["text_encoder.bert.encoder.layer.1.output.dense.weight"]
+    torch.save({"model": sd}, src)
+    with pytest.raises(ValueError, match="--text-model"):
+        convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", config="tiny")
+    # the paper preset's dimensions do not fit a tiny checkpoint: named tensors, hint at --config
+    sd = released_layout(original, True, False, ())
+    torch.save({"model": sd}, src)
+    with pytest.raises(ValueError, match=r"does not fit the paper_vitb config.*vision width 32 vs model.vision.width"
+                                         r"=768.*--config"):
+        convert_official(src, tmp_path / "run", tokenizer="builtin:minilm")
+    assert not (tmp_path / "run").exists()
+
+
+def test_pickled_extras_need_explicit_trust(original, tmp_path):
+    sd = released_layout(original, False, False, ())
+    src = tmp_path / "with_args.pth"
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-4)}, src)
+    with pytest.raises(ValueError, match="weights_only=True.*--trust-pickle"):
+        convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", config="tiny")
+    report = convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", config="tiny", trust_pickle=True)
+    assert report["mapped"] == len(original.state_dict())
+
+
+def test_key_mapping_rules(original):
+    target = original.state_dict()
+    sd = released_layout(original, True, False, (1,))
+    sd["text_encoder.embeddings.word_embeddings.weight"] = sd["text_encoder.bert.embeddings.word_embeddings.weight"]
+    with pytest.raises(ValueError, match="both map onto"):
+        map_official_keys(sd, target)
+    mapped, report = map_official_keys(released_layout(original, True, False, (1,)), target)
+    assert set(mapped) == set(target) and report["reshaped"]["temp"] == [[1], []]
+    fields = infer_text_config(mapped, heads=None)
+    assert fields["hidden_size"] == 32 and fields["num_attention_heads"] == 1  # width / 64, at least 1
+    assert fields["vocab_size"] == original.text_encoder.config.vocab_size
+
+
+def test_frozen_text_tensors_come_from_the_text_model(tmp_path):
+    """LAVIS does not save frozen parameters: with --text-model they are filled from the pretrained BERT."""
+    overrides = ["model.text.random_init=null"]  # the tiny preset with the real (built-in MiniLM) text encoder
+    cfg = load_config("tiny", overrides)
+    torch.manual_seed(2)
+    model = FVLM(cfg, num_anatomies=4).eval()  # text weights = the pretrained ones, as for a frozen encoder
+    sd = released_layout(model, True, False, ())
+    frozen = [k for k in sd if k.startswith("text_encoder.bert.embeddings.")]
+    for k in frozen:
+        del sd[k]
+    src = tmp_path / "frozen.pth"
+    torch.save({"model": sd, "epoch": 3}, src)
+    report = convert_official(src, tmp_path / "run", text_model="builtin:minilm", config="tiny", overrides=overrides)
+    assert sorted(report["filled_from_text_model"]) == sorted(k.replace(".bert.", ".") for k in frozen)
+    assert report["text_encoder"]["num_attention_heads"] == 12  # from the text model's config.json
+    loaded, cfg2, _ = load_model(tmp_path / "run")
+    for a, b in zip(features(loaded, cfg2), features(model, cfg), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
