@@ -4,6 +4,7 @@ validation, lazy crops, reads in forked DataLoader workers, manifest and failure
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -44,6 +45,9 @@ def test_write_open_roundtrip_compressed(tmp_path):
         np.testing.assert_array_equal(got, image[key])
     with pytest.raises(IndexError):
         vol.image[6]
+    again = pickle.loads(pickle.dumps(vol.image))  # spawn-started workers receive arrays by path
+    assert again.shape == vol.image.shape
+    np.testing.assert_array_equal(again[2:4], image[2:4])
     meta = vol.meta
     assert meta["format"] == store.FORMAT_VERSION == 2  # the writer sets the format, whatever meta said
     assert meta["shape"] == [6, 8, 10] and meta["image_dtype"] == "int16" and vol.name == "valid_1_a_1"
@@ -79,6 +83,14 @@ def test_chunked_and_compressed(tmp_path):
     raw = image.nbytes + mask.nbytes
     stored = (d / "image.b2nd").stat().st_size + (d / "mask.b2nd").stat().st_size
     assert stored < raw / 4, (stored, raw)
+    # other codecs / chunk shapes change only the compression: readers see the same arrays
+    zstd = {"codec": "zstd", "clevel": 1, "filters": ["shuffle", "bytedelta"]}
+    store.write_volume(tmp_path, "train", "z", image, mask, _meta("z", "t"), codecs={"image": zstd}, chunks=(8, 16, 16))
+    vz = store.open_volume(tmp_path, "train", "z")
+    assert vz.image.chunks == (8, 16, 16) and vz.meta["storage"]["image"]["codec"] == "zstd"
+    assert vz.meta["storage"]["mask"]["codec"] == "lz4"
+    np.testing.assert_array_equal(vz.image[17:39, 5:40, 3:60], image[17:39, 5:40, 3:60])
+    np.testing.assert_array_equal(np.asarray(vz.mask), mask)
 
 
 def _write_v1(root, split, volume, image, mask):

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anatomy-table", default="released",
                    help="anatomy table whose anatomies the reports and anatomy texts describe")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--difficulty", type=float, default=None,
+                   help="lesion severity knob in [0, 1] (higher = subtler findings; default: the generator's)")
+    p.add_argument("--max-reconstructions", type=int, default=0,
+                   help="at most this many reconstructions per scan (0 = 1-3 as drawn)")
 
     p = sub.add_parser("preprocess", help="fix, merge, resample, crop, window, pad and store volumes")
     p.add_argument("--data", help="CT-RATE-format root (dataset/, metadata/, ...)")
@@ -223,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from fvlm.synth import synthesize
 
+    extra = {} if args.difficulty is None else {"difficulty": args.difficulty}
     synthesize(args.out, n_train=args.train, n_valid=args.valid, seed=args.seed, size=args.size, v2=args.v2,
-               anatomy_table=args.anatomy_table, workers=args.workers)
+               anatomy_table=args.anatomy_table, workers=args.workers, max_reconstructions=args.max_reconstructions,
+               **extra)
     return 0
 
 

@@ -57,6 +57,7 @@ class TextConfig:
     num_layers: int = 0  # > 0: keep only the first num_layers transformer layers of the pretrained BERT
     freeze_layers: int = 0  # > 0: freeze the embeddings and the lowest freeze_layers layers (no dropout there)
     pooling: str = "cls"  # "cls" (the released [CLS] state) or "mean" (masked mean, for sentence-transformers)
+    cache_frozen: int = 0  # > 0 (needs freeze_layers): keep the frozen layers' output of up to N distinct texts
 
 
 @dataclass
@@ -126,6 +127,8 @@ class Config:
             raise ValueError(f"model.vision.width={v.width} must be divisible by heads and pool_heads")
         if self.loss.mode not in ("anatomy", "global"):
             raise ValueError(f"loss.mode must be 'anatomy' or 'global', got {self.loss.mode!r}")
+        if self.model.text.cache_frozen and not self.model.text.freeze_layers:
+            raise ValueError("model.text.cache_frozen needs model.text.freeze_layers > 0 (only frozen layers cache)")
         if self.model.text.pooling not in ("cls", "mean"):
             raise ValueError(f"model.text.pooling must be 'cls' or 'mean', got {self.model.text.pooling!r}")
         if self.train.amp not in ("auto", "bf16", "off"):

@@ -16,8 +16,8 @@ Arrays (format 2) are blosc2 NDArray files (``.b2nd``, a contiguous blosc2 frame
 :data:`CHUNK_SLICES` full axial slices, each split into one-slice blocks, LZ4-compressed (byte shuffle
 for the image, no filter for the mask). Opened memory-mapped, a training crop decompresses only the
 chunks its z range touches, in the calling thread. About 0.5 bytes per voxel on the synthetic phantoms
-and 1.15 on real CT texture (image + mask), against 3 for the uncompressed format 1 and 1.2-2.5 for the
-released float32 ``.nii.gz``; LZ4 was chosen over zstd because it decodes about twice as fast at ~20 %
+and 1.15 on real CT texture (image + mask), against 3 for the uncompressed format 1 and 1.3-2.5 for the
+released float32 ``.nii.gz``; LZ4 was chosen over zstd because it decodes about twice as fast for 15-35 %
 more bytes (benchmarks/README.md, loader section). Format 1 stores (plain ``image.npy`` / ``mask.npy``
 opened as ``np.memmap``) are still read.
 
@@ -70,8 +70,9 @@ META = "meta.json"
 #: touches; 16 slices keep the waste at the crop's z ends small (112-slice paper crop) and chunks about 1-4 MB
 CHUNK_SLICES = 16
 #: blosc2 compression of the stored arrays. LZ4 + byte shuffle decodes a 112 x 256 x 352 int16 crop in about
-#: 15 ms on one core; zstd saves ~20 % more bytes at about twice the decode time. The mask (mostly long runs of
-#: equal bytes) compresses to about 0.02 bytes per voxel without a filter, and a shuffle filter only costs time.
+#: 10-15 ms on one core; zstd (+ bytedelta) saves 15-35 % of the bytes at about twice the decode time. The mask
+#: (mostly long runs of equal bytes) compresses to about 0.02 bytes per voxel without a filter; a filter only costs
+#: time.
 CODECS: dict[str, dict[str, Any]] = {
     "image": {"codec": "lz4", "clevel": 5, "filters": ["shuffle"]},
     "mask": {"codec": "lz4", "clevel": 5, "filters": []},
@@ -161,6 +162,10 @@ class CompressedArray:
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         out = self[...]
         return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __reduce__(self):
+        # pickled by path (spawn / forkserver DataLoader workers): the receiving process opens the file itself
+        return (CompressedArray, (self.path,))
 
 
 #: what ``ProcessedVolume.image`` / ``.mask`` can be: lazily decompressed (format 2), memory-mapped (format 1)
@@ -429,31 +434,42 @@ def _temp_volume_dir(out: Path, split: str, volume: str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_b2nd(path: Path, array: np.ndarray, codec: dict[str, Any]) -> dict[str, Any]:
-    """Write a (D, H, W) array as a .b2nd file (chunks of :data:`CHUNK_SLICES` full slices, one-slice blocks).
+def _write_b2nd(path: Path, array: np.ndarray, codec: dict[str, Any],
+                chunks: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """Write a (D, H, W) array as a .b2nd file; returns its storage record for meta.json.
 
-    Returns the storage record for meta.json. Compression runs in the calling thread (preprocessing is
-    parallel over processes).
+    ``chunks=None``: chunks of :data:`CHUNK_SLICES` full slices split into one-slice blocks (the store's
+    layout); otherwise the given chunk shape with blocks chosen by blosc2. Compression runs in the calling
+    thread (preprocessing is parallel over processes).
     """
     blosc2 = _blosc2()
     d, h, w = array.shape
-    chunks, blocks = (min(d, CHUNK_SLICES), h, w), (1, h, w)
+    if chunks is None:
+        chunks, blocks = (min(d, CHUNK_SLICES), h, w), (1, h, w)
+    else:
+        chunks, blocks = tuple(min(int(c), n) for c, n in zip(chunks, array.shape, strict=True)), None
     filters = [blosc2.Filter[f.upper()] for f in codec["filters"]] or [blosc2.Filter.NOFILTER]
     cparams = blosc2.CParams(codec=blosc2.Codec[codec["codec"].upper()], clevel=int(codec["clevel"]),
                              filters=filters, typesize=array.dtype.itemsize, nthreads=1)
     arr = blosc2.asarray(np.ascontiguousarray(array), urlpath=str(path), mode="w", chunks=chunks, blocks=blocks,
                          cparams=cparams)
+    record = {"file": path.name, **codec, "chunks": [int(c) for c in arr.chunks],
+              "blocks": [int(b) for b in arr.blocks]}
     del arr  # closes the frame before the directory is renamed
-    return {"file": path.name, **codec, "chunks": list(chunks), "blocks": list(blocks)}
+    return record
 
 
 def write_volume(out: str | Path, split: str, volume: str, image: np.ndarray, mask: np.ndarray,
-                 meta: dict[str, Any]) -> Path:
+                 meta: dict[str, Any], *, codecs: dict[str, dict[str, Any]] | None = None,
+                 chunks: tuple[int, int, int] | None = None) -> Path:
     """Write one volume atomically (format :data:`FORMAT_VERSION`): a temporary directory renamed onto
     ``OUT/{split}/{volume}``.
 
     A previous (e.g. damaged, or format 1) directory of the same name is replaced. ``meta`` gets ``format``,
-    ``shape``, the dtypes and ``storage`` filled in. Returns the final directory.
+    ``shape``, the dtypes and ``storage`` filled in. ``codecs`` (default :data:`CODECS`: ``{"image"|"mask":
+    {"codec": blosc2 codec name, "clevel": 0-9, "filters": [blosc2 filter names]}}``) and ``chunks`` (default:
+    :data:`CHUNK_SLICES` full slices) change only how the arrays are compressed, never what they hold
+    (readers need not know; the benchmark compares variants this way). Returns the final directory.
     """
     if image.dtype != np.int16 or mask.dtype != np.uint8:
         raise TypeError(f"{volume}: expected int16 image and uint8 mask, got {image.dtype} and {mask.dtype}")
@@ -461,11 +477,12 @@ def write_volume(out: str | Path, split: str, volume: str, image: np.ndarray, ma
         raise ValueError(f"{volume}: image {image.shape} and mask {mask.shape} must be equal (D, H, W) shapes")
     if 0 in image.shape:
         raise ValueError(f"{volume}: empty volume {image.shape}")
+    codecs = {**CODECS, **(codecs or {})}
     out = Path(out)
     final = volume_dir(out, split, volume)
     with _temp_volume_dir(out, split, volume) as tmp:
-        storage = {"container": "blosc2-ndarray", "image": _write_b2nd(tmp / IMAGE, image, CODECS["image"]),
-                   "mask": _write_b2nd(tmp / MASK, mask, CODECS["mask"])}
+        storage = {"container": "blosc2-ndarray", "image": _write_b2nd(tmp / IMAGE, image, codecs["image"], chunks),
+                   "mask": _write_b2nd(tmp / MASK, mask, codecs["mask"], chunks)}
         meta = {**meta, "format": FORMAT_VERSION, "shape": [int(s) for s in image.shape], "image_dtype": "int16",
                 "mask_dtype": "uint8", "storage": storage}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")

@@ -23,7 +23,7 @@ from torch import nn
 from fvlm.config import Config
 from fvlm.io import atomic_path
 from fvlm.model.anatomy_pooling import anatomy_attention, project_anatomies, token_membership
-from fvlm.model.text_encoder import build_text_encoder, encode_cls, frozen_text_modules
+from fvlm.model.text_encoder import FrozenPrefixCache, build_text_encoder, encode_cls, frozen_text_modules
 from fvlm.model.vit3d import ViT3D, load_mae_weights
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class FVLM(nn.Module):
         self.temp = nn.Parameter(torch.tensor(float(m.temp_init)))
         self._frozen_text = frozen_text_modules(self.text_encoder, m.text.freeze_layers)
         self.text_pooling = m.text.pooling
+        self.text_cache = (FrozenPrefixCache(self.text_encoder, m.text.freeze_layers, m.text.cache_frozen)
+                           if m.text.cache_frozen else None)
 
     def train(self, mode: bool = True) -> FVLM:
         """Frozen text layers stay in eval mode (no dropout): they are fixed feature extractors."""
@@ -97,7 +99,10 @@ class FVLM(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text features (U, E), L2-normalised, of token ids and attention mask (U, L)."""
-        state = encode_cls(self.text_encoder, input_ids, attention_mask, pooling=self.text_pooling)
+        if self.text_cache is not None:
+            state = self.text_cache.encode(input_ids, attention_mask, self.text_pooling)
+        else:
+            state = encode_cls(self.text_encoder, input_ids, attention_mask, pooling=self.text_pooling)
         return F.normalize(self.text_proj(state), dim=-1)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ treats as an error.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,81 @@ def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> t
         return hidden[:, 0]
     m = attention_mask[:, : hidden.shape[1], None].to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def run_layers(layers: Sequence[torch.nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Run BERT layers on hidden states (U, L, H) with a padding mask (U, L) (1 = token).
+
+    The additive mask form is what BERT's own forward hands its layers; :class:`FrozenPrefixCache` relies on
+    this giving the same result as the full model, which a test checks (it would catch a transformers
+    release that changes the layer interface).
+    """
+    ext = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    for layer in layers:
+        out = layer(hidden, attention_mask=ext)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+class FrozenPrefixCache:
+    """Outputs of the frozen bottom of the text encoder (embeddings + ``freeze_layers`` layers) per distinct text.
+
+    With ``text.freeze_layers`` the bottom of BERT is a fixed function of the token ids (kept in eval mode:
+    no dropout), so its output can be computed once per distinct text and reused in every later step; only
+    the trainable top layers run each time. Exact: the result equals the uncached forward. At most
+    ``capacity`` texts are kept (least recently used evicted).
+    """
+
+    def __init__(self, model: BertModel, freeze_layers: int, capacity: int):
+        if freeze_layers <= 0:
+            raise ValueError("FrozenPrefixCache needs model.text.freeze_layers > 0")
+        self.model, self.freeze_layers, self.capacity = model, freeze_layers, capacity
+        self.store: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def _compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.embeddings(input_ids=input_ids)
+        return run_layers(list(self.model.encoder.layer)[: self.freeze_layers], hidden, attention_mask)
+
+    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen-prefix hidden states of each row, ``(length_i, H)`` (padding removed)."""
+        lengths = attention_mask.sum(1).tolist()
+        keys = [tuple(input_ids[i, :n].tolist()) for i, n in enumerate(lengths)]
+        todo = [i for i, k in enumerate(keys) if k not in self.store]
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
+        if todo:
+            rows = torch.tensor(todo, device=input_ids.device)
+            n = max(lengths[i] for i in todo)
+            states = self._compute(input_ids[rows, :n], attention_mask[rows, :n])
+            for j, i in enumerate(todo):
+                self.store[keys[i]] = states[j, : lengths[i]]
+        out = []
+        for k in keys:
+            self.store.move_to_end(k)
+            out.append(self.store[k])
+        while len(self.store) > self.capacity:
+            self.store.popitem(last=False)
+        return out
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+               bucket_size: int = 16) -> torch.Tensor:
+        """Pooled text state (U, H): cached frozen prefix, then the trainable layers (bucketed by length)."""
+        prefixes = self.prefix(input_ids, attention_mask)
+        top = list(self.model.encoder.layer)[self.freeze_layers :]
+        lengths = torch.tensor([p.shape[0] for p in prefixes])
+        order = torch.argsort(lengths)
+        parts = []
+        for chunk in order.split(bucket_size if bucket_size > 0 else len(order)):
+            n = int(lengths[chunk].max())
+            hidden = prefixes[0].new_zeros((len(chunk), n, prefixes[0].shape[-1]))
+            mask = attention_mask.new_zeros((len(chunk), n))
+            for j, i in enumerate(chunk.tolist()):
+                hidden[j, : lengths[i]] = prefixes[i]
+                mask[j, : lengths[i]] = 1
+            parts.append(_pool(run_layers(top, hidden, mask), mask, pooling))
+        return torch.cat(parts)[torch.argsort(order)]
 
 
 def encode_cls(model: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -119,6 +119,7 @@ class Anatomy:
     dome_r: tuple[float, float, float]
     dome_l: tuple[float, float, float]
     dome_k: tuple[float, float, float]
+    z_recess: float  # lowest point of the costophrenic recesses: the diaphragm never drops below it
     # lungs
     lung_hu: float
     lung_grad: float
@@ -210,7 +211,7 @@ class Anatomy:
             kap = np.where(dy > 0, np.float32(kp), np.float32(ka))
             z = np.float32(zd) - np.float32(kl) * (x - np.float32(xd)) ** 2 - kap * dy * dy
             out = z if out is None else np.maximum(out, z)
-        return out
+        return np.maximum(out, np.float32(self.z_recess))
 
     @property
     def cardiothoracic_ratio(self) -> float:
@@ -276,7 +277,10 @@ def sample_anatomy(rng: np.random.Generator, sex: str | None = None, age: int | 
     z_arch = z_car + _u(rng, 26, 38)
     z_apex = z_arch + _u(rng, 58, 78)
     z_top = z_apex + _u(rng, 8, 32)
-    z_bottom = min(0.0, z_dome_l) - _u(rng, 45, 85)
+    # the posterior costophrenic recesses lie 4-7 cm below the domes; a chest scan ends 2-5 cm lower
+    # (upper abdomen), so the lung bases are inside the scan, as in real chest CTs
+    z_recess = min(0.0, z_dome_l) - _u(rng, 40, 65)
+    z_bottom = z_recess - _u(rng, 20, 50)
     kyphosis = _u(rng, 8, 22)
 
     def yvf(z):
@@ -411,7 +415,7 @@ def sample_anatomy(rng: np.random.Generator, sex: str | None = None, age: int | 
         sex=sex, age=age, scale=s,
         body_a=body_a, body_b=body_b, body_p=_u(rng, 2.2, 2.6), fat_ant=fat_ant, fat_post=fat_post,
         muscle=muscle, band=band, hu_fat=_u(rng, -112, -88), hu_muscle=_u(rng, 38, 52),
-        z_bottom=z_bottom, z_top=z_top, z_apex=z_apex, z_car=z_car, z_arch=z_arch,
+        z_bottom=z_bottom, z_recess=z_recess, z_top=z_top, z_apex=z_apex, z_car=z_car, z_arch=z_arch,
         y_vf0=y_vf0, kyphosis=kyphosis, z_mid=z_mid, vb_rx=_u(rng, 19, 23) * s, vb_ry=_u(rng, 15, 17) * s,
         canal_r=_u(rng, 7, 8.5) * s, levels=tuple(levels),
         dome_r=dome_r, dome_l=dome_l, dome_k=dome_k,

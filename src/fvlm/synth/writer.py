@@ -64,7 +64,7 @@ from fvlm.synth.reports import anatomy_texts, build_report
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
 #: split -> (dataset folder and name prefix, metadata/report file prefix, labels file prefix)
 SPLITS = {"train": ("train", "train", "train"), "valid": ("valid", "validation", "valid")}
@@ -85,6 +85,7 @@ class ScanJob:
     split: str
     pid: int
     scan: int  # 0-based scan index (a, b, ...)
+    max_reconstructions: int = 0  # > 0: at most this many reconstructions per scan
 
 
 @dataclass
@@ -168,6 +169,8 @@ def _run_scan(job: ScanJob, res: ScanResult) -> None:
     an = scene.anatomy
     geo_rng = rng_for(job.seed, *skey, _GEOMETRY)
     n_rec = draw_n_reconstructions(geo_rng)
+    if job.max_reconstructions:
+        n_rec = min(n_rec, job.max_reconstructions)  # after the draw: the rest of the scan stays the same
     plan = plan_scan(geo_rng, an, job.size, n_rec)
     report = build_report(rng_for(job.seed, *skey, _REPORT), scene, slice_thickness=plan.z_spacing[0])
     date = _scan_dates(job.seed, job.split, job.pid, job.scan + 1)[job.scan]
@@ -222,7 +225,8 @@ def _csv_text(columns, rows) -> str:
 
 
 def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str = "demo", v2: bool = False,
-               anatomy_table: str = "released", workers: int = 1, difficulty: float = DEFAULT_DIFFICULTY) -> dict:
+               anatomy_table: str = "released", workers: int = 1, difficulty: float = DEFAULT_DIFFICULTY,
+               max_reconstructions: int = 0) -> dict:
     """Write a synthetic CT-RATE-format data set to ``out`` (see the module docstring for the layout).
 
     Args:
@@ -232,6 +236,8 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
             200-400 slices). v2: write fixed HU volumes with true affines instead of CT-RATE v1 files.
         anatomy_table: table (name or JSON path) whose anatomies the anatomy texts describe.
         workers: processes. difficulty: the lesion-severity knob (see :mod:`fvlm.synth.lesions`).
+        max_reconstructions: > 0 caps the reconstructions per scan (e.g. 1 for a quick training set); the
+            scans themselves (anatomy, findings, reports) do not change.
     Returns:
         a summary (counts, seconds, bytes per volume), also written to ``synth_info.json``.
     Raises:
@@ -249,7 +255,7 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
         for pid in range(1, n + 1):
             for scan in range(n_scans_of(seed, split, pid)):
                 jobs.append(ScanJob(str(out), int(seed), size, bool(v2), float(difficulty), str(anatomy_table),
-                                    split, pid, scan))
+                                    split, pid, scan, int(max_reconstructions)))
     log.info("synthesising %d scans (%d train + %d valid patients, size %s, %s) into %s", len(jobs), n_train,
              n_valid, size, "v2" if v2 else "v1", out)
     t0 = time.perf_counter()
@@ -299,7 +305,8 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
         counts[split] = {"patients": n, "scans": len(rs), "volumes": sum(len(r.metadata) for r in rs)}
     info = {
         "generator": "fvlm.synth", "version": GENERATOR_VERSION, "seed": int(seed), "size": size, "v2": bool(v2),
-        "difficulty": float(difficulty), "anatomy_table": table.name, "counts": counts,
+        "difficulty": float(difficulty), "max_reconstructions": int(max_reconstructions),
+        "anatomy_table": table.name, "counts": counts,
         "label_source": "whole label rows of CT-RATE train_predicted_labels.csv (Hamamci et al. 2024, "
                         "CC BY-NC-SA 4.0), weighted by frequency",
         "geometry": "arrays (z, y, x) in LPS; NIfTI (x, y, z) with RAS affine diag(-sx, -sy, sz)"
