@@ -14,27 +14,17 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 from pathlib import Path
 
-import torch
+from machine import machine as describe_machine  # noqa: E402  (sibling module of the benchmarks)
 
 from fvlm.ablation import run_ablation
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads()}
+    return describe_machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine as describe_machine  # noqa: E402  (sibling module of the benchmarks)
 
 from fvlm.anatomy import load_anatomy_table
 from fvlm.config import load_config
@@ -57,19 +57,7 @@ BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads":
 
 
 def machine(device: torch.device) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-           "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
+    return describe_machine(device)
 
 
 def write_case(folder: Path, size: str) -> tuple[Path, Path, dict]:

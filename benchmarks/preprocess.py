@@ -1,7 +1,8 @@
 """Benchmark: our fused preprocessing pass vs the released stage order, on full-size CT-RATE-format volumes.
 
 Ours (fvlm.data.preprocess.process_volume, one volume at a time, one process):
-    read .nii.gz -> fix v1 in memory -> check/merge label -> crop -> resample the crop -> window -> pad -> .npy
+    read .nii.gz -> fix v1 in memory -> check/merge label -> crop -> resample the crop -> window -> pad
+    -> store (blosc2 .b2nd)
 Baseline (the released stage order; every stage writes a file the next one reads), written lean (int16 and
 float32 arrays, never float64) so that the ratio is conservative:
     fix (nibabel read, rescale, SimpleITK image with metadata geometry) -> write .nii.gz -> read ->
@@ -21,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine as describe_machine  # noqa: E402  (sibling module of the benchmarks)
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.preprocess")
@@ -38,26 +38,14 @@ log = logging.getLogger("bench.preprocess")
 
 def machine() -> dict:
     import SimpleITK as sitk
-    import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         import isal
 
         isal_version = isal.__version__
     except ImportError:
         isal_version = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
-            "SimpleITK": sitk.Version_VersionString(),
-            "isal": isal_version, "load_average_at_start": os.getloadavg()}
+    return describe_machine(numpy=np.__version__, SimpleITK=sitk.Version_VersionString(), isal=isal_version)
 
 
 def stats(xs: list[float]) -> dict:

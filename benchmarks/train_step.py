@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import machine as describe_machine  # noqa: E402  (sibling module of the benchmarks)
 from monai.networks.nets import ViT
 
 from fvlm.config import Config, load_config
@@ -255,19 +255,7 @@ def build(args: argparse.Namespace) -> tuple[Config, FVLM, torch.device]:
 
 
 def machine(device: torch.device) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-           "python": platform.python_version()}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
+    return describe_machine(device)
 
 
 def run(args: argparse.Namespace) -> dict:

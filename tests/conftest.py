@@ -19,3 +19,21 @@ TEST_DATA = REPO / "tests" / "data"
 def real_data() -> Path:
     """Real files committed under tests/data (see tests/data/README.md): real_ct/, ct_rate/."""
     return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic CT-RATE (6 train + 3 valid patients) preprocessed with the tiny preset.
+
+    Returns the processed directory; its source data set is ``<dir>/../data``. Shared by the training,
+    evaluation and embedding tests (read-only: tests that modify data copy it first).
+    """
+    from fvlm.cli import main
+    from fvlm.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tiny")
+    synthesize(root / "data", n_train=6, n_valid=3, seed=1, size="demo", max_reconstructions=2)
+    for split in ("train", "valid"):
+        assert main(["preprocess", "--data", str(root / "data"), "--split", split, "--out", str(root / "processed"),
+                     "--config", "tiny"]) == 0
+    return root / "processed"

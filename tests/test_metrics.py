@@ -266,3 +266,17 @@ def test_real_ct_rate_labels_and_plot(real_data, tmp_path):
     png = plot_roc(scores, labels, tmp_path / "sub" / "roc.png")
     assert png.stat().st_size > 10_000
     assert not [p for p in png.parent.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_labels_file_with_fewer_labels_scores_the_common_ones(caplog):
+    """An external set (e.g. Rad-ChestCT mapped to 16 labels) lacks some columns: those are left out, loudly."""
+    rng = np.random.default_rng(3)
+    vols = [f"valid_{i}_a_1" for i in range(40)]
+    scores = pd.DataFrame({"VolumeName": vols, "Emphysema": rng.random(40), "Cardiomegaly": rng.random(40)})
+    labels = pd.DataFrame({"VolumeName": vols, "Emphysema": rng.integers(0, 2, 40)})
+    with caplog.at_level("WARNING"):
+        m = compute_metrics(scores, labels)
+    assert m["scored"] == ["Emphysema"] and "Cardiomegaly" not in m["labels"]
+    assert "Cardiomegaly" in caplog.text
+    with pytest.raises(ValueError, match="no label column"):
+        compute_metrics(scores[["VolumeName", "Cardiomegaly"]], labels)

@@ -99,3 +99,61 @@ def test_tokenize_unique(minilm_tokenizer):
     lengths = [len(minilm_tokenizer(t)["input_ids"]) for t in ("lung clear.", "no hernia.")]
     assert out["input_ids"].shape == (2, max(lengths))  # padded to the longest, not to max_length
     assert out["attention_mask"].sum(1).tolist() == lengths
+
+
+def _texts_batch(tok, texts):
+    enc = tok(texts, padding="longest", return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+TEXTS = ["Emphysema.", "Not Emphysema.", "Centrilobular emphysema in both upper lobes, with a 6 mm nodule.",
+         "Lung shows no significant abnormalities.", "x", "Heart size is normal and there is no effusion."]
+
+
+def test_bucketed_encoding_equals_one_padded_call():
+    model, tok = build_text_encoder(TextConfig(pretrained="builtin:minilm", random_init=TINY_BERT, max_length=64))
+    model.eval()
+    ids, mask = _texts_batch(tok, TEXTS)
+    for pooling in ("cls", "mean"):
+        one = encode_cls(model, ids, mask, bucket_size=0, pooling=pooling)
+        bucketed = encode_cls(model, ids, mask, bucket_size=2, pooling=pooling)
+        torch.testing.assert_close(bucketed, one, rtol=1e-5, atol=1e-5)
+    # mean pooling really averages the unpadded tokens (the first text has few tokens, others pad it)
+    hidden = model(input_ids=ids[:1, : int(mask[0].sum())]).last_hidden_state
+    torch.testing.assert_close(encode_cls(model, ids, mask, pooling="mean")[0], hidden[0].mean(0), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_layer_truncation_and_freezing():
+    model, _ = build_text_encoder(TextConfig(pretrained="builtin:minilm", num_layers=3, freeze_layers=2))
+    assert len(model.encoder.layer) == 3 and model.config.num_hidden_layers == 3
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("embeddings.") for n in frozen)
+    assert any(n.startswith("encoder.layer.1.") for n in frozen)
+    assert not any(n.startswith("encoder.layer.2.") for n in frozen)
+    with pytest.raises(ValueError, match="num_layers"):
+        build_text_encoder(TextConfig(pretrained="builtin:minilm", num_layers=7))
+    with pytest.raises(ValueError, match="freeze_layers"):
+        build_text_encoder(TextConfig(pretrained="builtin:minilm", num_layers=2, freeze_layers=3))
+
+
+def test_frozen_prefix_cache_is_exact_and_trains_the_top():
+    from fvlm.model.text_encoder import FrozenPrefixCache
+
+    model, tok = build_text_encoder(TextConfig(pretrained="builtin:minilm", random_init=TINY_BERT, max_length=64,
+                                               freeze_layers=1))
+    model.eval()
+    ids, mask = _texts_batch(tok, TEXTS)
+    cache = FrozenPrefixCache(model, freeze_layers=1, capacity=4)
+    expected = encode_cls(model, ids, mask, bucket_size=0, pooling="mean")
+    got = cache.encode(ids, mask, "mean", bucket_size=2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (cache.misses, cache.hits) == (6, 0) and len(cache.store) == 4  # capacity bounds the store
+    again = cache.encode(ids[:4], mask[:4], "mean")
+    torch.testing.assert_close(again, expected[:4], rtol=1e-5, atol=1e-5)
+    assert cache.hits >= 2
+    # gradients reach the trainable top layer, not the frozen bottom
+    model.zero_grad()
+    cache.encode(ids, mask, "cls").sum().backward()
+    assert model.encoder.layer[1].attention.self.query.weight.grad is not None
+    assert model.encoder.layer[0].attention.self.query.weight.grad is None

@@ -55,7 +55,7 @@ def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = 
 
     from fvlm.checkpoint import latest_checkpoint
     from fvlm.config import load_config
-    from fvlm.demo import DEMO_TRAIN_PATIENTS, DEMO_VALID_PATIENTS, _preprocess
+    from fvlm.demo import DEMO_MAX_RECONSTRUCTIONS, DEMO_TRAIN_PATIENTS, DEMO_VALID_PATIENTS, _preprocess
     from fvlm.metrics import compute_metrics
     from fvlm.synth import synthesize
     from fvlm.train import train
@@ -66,7 +66,7 @@ def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = 
     data, processed = out / "data", out / "processed"
     if not (data / "synth_info.json").exists():
         synthesize(data, n_train=n_train or DEMO_TRAIN_PATIENTS, n_valid=n_valid or DEMO_VALID_PATIENTS, seed=seed,
-                   size="demo", workers=workers)
+                   size="demo", workers=workers, max_reconstructions=DEMO_MAX_RECONSTRUCTIONS)
     for split in ("train", "valid"):
         _preprocess(data, processed, config, [o for o in overrides if o.startswith("data.")], split, workers)
     labels = pd.read_csv(processed / "labels" / "valid_labels.csv")

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconstructions", default="all",
                    help="'all' or a number K: keep at most K reconstructions per scan")
     p.add_argument("--limit", type=int, default=0, help="process only the first N volumes (0 = all)")
+    p.add_argument("--include-no-chest", action="store_true",
+                   help="also process the volumes listed in metadata/no_chest_{split}.txt (left out by default)")
 
     p = sub.add_parser("train", help="pre-train fVLM (single process or torchrun)")
     _add_config_args(p, default="demo")
@@ -151,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT-RATE header version: auto-detect per volume (default), or force v1 (fix) / v2 (HU)")
     p.add_argument("--reconstructions", default="all",
                    help="'all' or a number K: segment at most K reconstructions per scan (as fvlm preprocess)")
-    p.add_argument("--exclude-no-chest", action="store_true",
-                   help="skip the volumes listed in metadata/no_chest_{split}.txt")
+    p.add_argument("--include-no-chest", action="store_true",
+                   help="also segment the volumes listed in metadata/no_chest_{split}.txt (left out by default)")
+    p.add_argument("--exclude-no-chest", action="store_true", help=argparse.SUPPRESS)  # the default; old scripts
     p.add_argument("--limit", type=int, default=0, help="segment only the first N volumes (0 = all)")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds per volume before a TotalSegmentator subprocess is killed (0 = no limit)")

@@ -24,6 +24,9 @@ class DataConfig:
     anatomy_table: str = "released"  # shipped table name or path to a JSON table
     spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)
     hu_window: tuple[float, float] = (-1150.0, 350.0)
+    # () = one input channel, hu_window -> [0, 1] (released). Windows given: one channel per (low, high)
+    # window (each clipped and scaled to [0, 1]; within hu_window, which is what the store keeps).
+    input_windows: tuple[tuple[float, float], ...] = ()
     margin: tuple[int, int, int] = (5, 20, 20)  # voxels added around the anatomies' bounding box (z, y, x)
     crop_size: tuple[int, int, int] = (112, 256, 352)  # training crop = ViT input; volumes padded to >= this
     eval_crop_size: tuple[int, int, int] = (112, 288, 352)  # minimum anatomy-centred crop at evaluation
@@ -44,6 +47,10 @@ class VisionConfig:
     levels: tuple[int, ...] = (4, 7, 10)  # 1-based blocks whose outputs are returned, plus the final norm
     pretrained: str = ""  # local MAE checkpoint (mae_pretrain_vit_base.pth layout); "" = random init
     grad_checkpointing: bool = False
+    # () = the released linear patch embedding (one conv, kernel = stride = patch). Channels given: a
+    # convolutional stem (3x3x3 stride-2 convs + GroupNorm + GELU per entry) before a smaller patchify
+    # conv; "early convolutions" let a small ViT see voxel-level texture when it trains from scratch.
+    stem_channels: tuple[int, ...] = ()
 
 
 @dataclass
@@ -67,6 +74,7 @@ class ModelConfig:
     embed_dim: int = 256
     pool_heads: int = 4
     pool_dropout: float = 0.1
+    query_init_std: float = 0.0  # 0 = zero-initialised anatomy queries (released); > 0 = normal(0, std)
     temp_init: float = 0.07
     temp_min: float = 0.001
     temp_max: float = 0.5
@@ -90,6 +98,7 @@ class TrainConfig:
     warmup_lr: float = 1e-6
     warmup_steps: int = 377
     weight_decay: float = 0.05
+    text_lr_scale: float = 1.0  # learning rate of the (pretrained) text encoder relative to train.lr
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     seed: int = 42  # offset by rank
@@ -135,7 +144,17 @@ class Config:
             raise ValueError(f"train.amp must be auto, bf16 or off, got {self.train.amp!r}")
         if self.data.hu_window[0] >= self.data.hu_window[1]:
             raise ValueError(f"data.hu_window={self.data.hu_window} must be (low, high) with low < high")
+        lo, hi = self.data.hu_window
+        for w in self.data.input_windows:
+            if not lo <= w[0] < w[1] <= hi:
+                raise ValueError(f"data.input_windows entry {list(w)} must satisfy {lo} <= low < high <= {hi} "
+                                 "(the store keeps only data.hu_window)")
         return self
+
+    @property
+    def input_windows(self) -> tuple[tuple[float, float], ...]:
+        """The HU windows that become the model's input channels (derived)."""
+        return self.data.input_windows or (self.data.hu_window,)
 
     @property
     def grid_size(self) -> tuple[int, int, int]:

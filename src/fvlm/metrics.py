@@ -112,6 +112,13 @@ def _align(scores_df: pd.DataFrame, labels_df: pd.DataFrame, sources: tuple[str,
         extra = [c for c in s.columns if c not in CT_RATE_LABELS]
         if extra and not quiet:
             log.warning("%s: ignoring columns that are not CT-RATE labels: %s", scores_src, extra)
+        # an external test set maps only some of CT-RATE's labels (e.g. Rad-ChestCT): score the labels both
+        # files have and say which were left out, rather than refusing the whole evaluation
+        unlabelled_cols = [label for label in labels if label not in y.columns]
+        if unlabelled_cols and len(unlabelled_cols) < len(labels):
+            if not quiet:
+                log.warning("%s has no column for %s: these scores are not evaluated", labels_src, unlabelled_cols)
+            labels = [label for label in labels if label in y.columns]
     if not labels:
         raise ValueError(f"{scores_src}: no column is a CT-RATE label (expected some of {list(CT_RATE_LABELS)})")
     absent = [label for label in labels if label not in s.columns]

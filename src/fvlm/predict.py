@@ -65,7 +65,14 @@ from fvlm.data.preprocess import (
 )
 from fvlm.data.store import Geometry, ProcessedVolume
 from fvlm.io import atomic_path, atomic_write_text
-from fvlm.zeroshot import CropSpec, prompt_probabilities, prompt_text_features, read_crop, volume_crop_specs
+from fvlm.zeroshot import (
+    CropSpec,
+    prompt_probabilities,
+    prompt_text_features,
+    read_window,
+    shared_windows,
+    volume_crop_specs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -570,13 +577,7 @@ class Predictor:
         specs = volume_crop_specs("scan", meta, cfg, self.table, self.global_mode)
         a = 1 if self.global_mode else len(self.table)
         features = np.full((a, cfg.model.embed_dim), np.nan, dtype=np.float32)
-        if share_windows:
-            groups: dict[tuple, list[CropSpec]] = {}
-            for s in specs:
-                groups.setdefault((s.start, s.size), []).append(s)
-            windows = list(groups.values())
-        else:
-            windows = [[s] for s in specs]
+        windows = shared_windows(specs) if share_windows else [[s] for s in specs]
         crops = []
         for group in windows:
             names = ["whole volume" if s.anatomy < 0 else self.table.names[s.anatomy] for s in group]
@@ -591,9 +592,7 @@ class Predictor:
                 chunk = same[j : j + batch]
                 images, masks = [], []
                 for group in chunk:
-                    crop_img, crop_mask = read_crop(vol, group[0], cfg.data.hu_window)
-                    for s in group[1:]:
-                        np.maximum(crop_mask, read_crop(vol, s, cfg.data.hu_window)[1], out=crop_mask)
+                    crop_img, crop_mask = read_window(vol, group, cfg.data.hu_window)
                     images.append(crop_img)
                     masks.append(crop_mask)
                 x = torch.from_numpy(np.stack(images)).to(self.device)

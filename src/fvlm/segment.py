@@ -188,21 +188,13 @@ class SegmentSummary:
 
 
 def ctrate_segment_jobs(root: str | Path, split: str, version: str = "auto", reconstructions: int | None = None,
-                        exclude_no_chest: bool = False) -> list[SegmentJob]:
+                        exclude_no_chest: bool = True) -> list[SegmentJob]:
     """Jobs for the volumes of a CT-RATE root's split on disk; outputs go to ``dataset/{split}_mask/``."""
-    from fvlm.data.check import no_chest_path, read_volume_list
     from fvlm.data.preprocess import ctrate_jobs
 
-    jobs = ctrate_jobs(root, [split], version=version, reconstructions=reconstructions)
-    if exclude_no_chest:
-        p = no_chest_path(root, split)
-        if not p.exists():
-            log.warning("--exclude-no-chest: %s not found; nothing excluded", p)
-        else:
-            skip = set(read_volume_list(p))
-            n = len(jobs)
-            jobs = [j for j in jobs if j.volume not in skip]
-            log.info("excluded %d non-chest volume(s) listed in %s", n - len(jobs), p)
+    # the same selection as fvlm preprocess (no_chest list honoured there, unless asked otherwise)
+    jobs = ctrate_jobs(root, [split], version=version, reconstructions=reconstructions,
+                       exclude_no_chest=exclude_no_chest)
     return [SegmentJob(j.split, j.volume, j.image, j.label, j.version, j.metadata) for j in jobs]
 
 
@@ -443,7 +435,7 @@ def run_segment_cli(args: argparse.Namespace) -> int:
     if args.data:
         jobs = ctrate_segment_jobs(args.data, args.split, version=args.version,
                                    reconstructions=parse_reconstructions(args.reconstructions),
-                                   exclude_no_chest=args.exclude_no_chest)
+                                   exclude_no_chest=not args.include_no_chest)
         default_failures = Path(args.data) / "dataset" / f"{args.split}_mask" / "segment_failures.csv"
     else:
         jobs = pairs_segment_jobs(args.pairs, default_split=args.split or "valid")

@@ -167,9 +167,9 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     from fvlm.model.fvlm import FVLM, load_weights, param_groups
 
     data, run = Path(data), Path(out)
-    dist.init_distributed()
-    rank, world = dist.rank(), dist.world_size()
     dev = resolve_device(device)
+    dist.init_distributed(dev)
+    rank, world = dist.rank(), dist.world_size()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 
@@ -201,7 +201,10 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
         collate_fn=Collate(model.tokenizer, cfg.model.text.max_length), num_workers=cfg.train.num_workers,
-        pin_memory=dev.type == "cuda", persistent_workers=False)
+        pin_memory=dev.type == "cuda", persistent_workers=False,
+        # its own generator: a new iterator (every epoch, and on resume mid-epoch) must not draw from the
+        # global RNG that dropout uses, or a resumed run would diverge from an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.train.seed + rank))
     micro_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.train.max_steps or cfg.train.epochs * micro_per_epoch // cfg.train.grad_accum
     if total_steps <= 0:
@@ -209,8 +212,8 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
                          f"{cfg.train.grad_accum} and {cfg.train.epochs} epochs")
 
     model.to(dev)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=cfg.train.betas)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.text_lr_scale),
+                                  lr=cfg.train.lr, betas=cfg.train.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.train.lr)
     step, micro = 0, 0  # optimizer steps done; micro-batches consumed overall
     if ckpt is not None:
@@ -255,7 +258,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
                         same_text_positives=cfg.loss.same_text_positives, anatomy_names=names)
                     loss = terms["loss"]
                     if not torch.isfinite(loss):
-                        detail = {k: float(v) for k, v in terms.items() if k.startswith("loss")}
+                        detail = {k: float(v.detach()) for k, v in terms.items() if k.startswith("loss")}
                         raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}): {detail}; "
                                                  f"try a lower train.lr or train.amp=off")
                     (loss * world / cfg.train.grad_accum).backward()
@@ -273,7 +276,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
                 step += 1
                 rate = seen / max(1e-9, time.perf_counter() - t0)
                 bar.update(1)
-                bar.set_postfix(loss=f"{terms_sum.get('loss', 0):.3f}", samples_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{terms_sum.get('loss', 0):.3f}", samples_s=f"{rate:.1f}", refresh=False)
                 if logger is not None and (step % cfg.train.log_every == 0 or step == last_step):
                     row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                            "temperature": float(outputs["temperature"].detach()), "samples_per_s": rate, **terms_sum}

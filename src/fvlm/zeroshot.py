@@ -26,6 +26,7 @@ from fvlm.anatomy import AnatomyTable, load_anatomy_table
 from fvlm.config import Config
 from fvlm.data import store
 from fvlm.io import atomic_path
+from fvlm.labels import CT_RATE_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,13 @@ def centred_crop(bbox: tuple[int, int, int, int, int, int], shape: tuple[int, ..
     return tuple(start), tuple(size)  # type: ignore[return-value]
 
 
-def read_crop(vol: store.ProcessedVolume, spec: CropSpec, hu_window: tuple[float, float]
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Windowed image ``(1, D, H, W)`` float32 and mask ``(D, H, W)`` uint8 keeping only ``spec.anatomy``."""
+def read_crop(vol: store.ProcessedVolume, spec: CropSpec, hu_window: tuple[float, float],
+              anatomies: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Windowed image ``(1, D, H, W)`` float32 and mask ``(D, H, W)`` uint8 of the window of ``spec``.
+
+    The mask keeps only ``spec.anatomy`` (value ``k + 1``), or every anatomy of ``anatomies`` (0-based) when
+    given; a whole-volume spec (``anatomy == -1``) gets a mask of ones. Outside the volume: window low, no anatomy.
+    """
     src, dst = [], []
     for st, s, n in zip(spec.start, spec.size, vol.image.shape):
         a, b = max(st, 0), min(st + s, n)
@@ -74,24 +79,45 @@ def read_crop(vol: store.ProcessedVolume, spec: CropSpec, hu_window: tuple[float
     image = np.full(spec.size, hu_window[0], dtype=np.int16)
     mask = np.zeros(spec.size, dtype=np.uint8)
     image[tuple(dst)] = vol.image[tuple(src)]
+    keep = (spec.anatomy,) if anatomies is None else anatomies
     if spec.anatomy < 0:
         mask[tuple(dst)] = 1
     else:
         m = np.asarray(vol.mask[tuple(src)])
-        mask[tuple(dst)] = (m == spec.anatomy + 1) * np.uint8(spec.anatomy + 1)
+        mask[tuple(dst)] = np.where(np.isin(m, [k + 1 for k in keep]), m, 0)
     return store.window(image, hu_window)[None], mask
 
 
+def shared_windows(specs: list[CropSpec]) -> list[list[CropSpec]]:
+    """Group the crops of one volume that have the same window.
+
+    When a processed volume is no larger than the evaluation crop, every anatomy gets the same window;
+    one forward pass with a mask holding all of them gives each anatomy exactly the feature of its own
+    crop (an anatomy's pooling sees only its own tokens), at a fraction of the cost.
+    """
+    groups: dict[tuple, list[CropSpec]] = {}
+    for s in specs:
+        groups.setdefault((s.volume, s.start, s.size), []).append(s)
+    return list(groups.values())
+
+
+def read_window(vol: store.ProcessedVolume, group: list[CropSpec], hu_window: tuple[float, float]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_crop` of a group of crops sharing one window: the mask keeps all of the group's anatomies."""
+    return read_crop(vol, group[0], hu_window, tuple(s.anatomy for s in group))
+
+
 class CropDataset(torch.utils.data.Dataset):
-    def __init__(self, root: Path, split: str, specs: list[CropSpec], hu_window: tuple[float, float]):
-        self.root, self.split, self.specs, self.hu_window = root, split, specs, hu_window
+    def __init__(self, root: Path, split: str, windows: list[list[CropSpec]], cfg: Config):
+        self.root, self.split, self.windows, self.cfg = root, split, windows, cfg
 
     def __len__(self) -> int:
-        return len(self.specs)
+        return len(self.windows)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
-        spec = self.specs[i]
-        image, mask = read_crop(store.open_volume(self.root, self.split, spec.volume), spec, self.hu_window)
+        group = self.windows[i]
+        image, mask = read_window(store.open_volume(self.root, self.split, group[0].volume), group,
+                                  self.cfg.data.hu_window)
         return image, mask, i
 
 
@@ -139,10 +165,10 @@ def crop_specs(root: Path, split: str, cfg: Config, table: AnatomyTable, global_
     return volumes, specs
 
 
-def _shape_batches(specs: list[CropSpec], batch_size: int) -> list[list[int]]:
+def _shape_batches(windows: list[list[CropSpec]], batch_size: int) -> list[list[int]]:
     by_shape: dict[tuple[int, int, int], list[int]] = {}
-    for i, s in enumerate(specs):
-        by_shape.setdefault(s.size, []).append(i)
+    for i, group in enumerate(windows):
+        by_shape.setdefault(group[0].size, []).append(i)
     return [idx[j : j + batch_size] for idx in by_shape.values() for j in range(0, len(idx), batch_size)]
 
 
@@ -164,19 +190,21 @@ def anatomy_embeddings(model: torch.nn.Module, cfg: Config, table: AnatomyTable,
     a = 1 if global_mode else len(table)
     features = np.full((len(volumes), a, cfg.model.embed_dim), np.nan, dtype=np.float32)
     row = {v: i for i, v in enumerate(volumes)}
-    batches = _shape_batches(specs, batch_size or cfg.eval.batch_size)
+    windows = shared_windows(specs)
+    batches = _shape_batches(windows, batch_size or cfg.eval.batch_size)
     loader = torch.utils.data.DataLoader(
-        CropDataset(root, split, specs, cfg.data.hu_window), batch_sampler=batches, collate_fn=_collate,
+        CropDataset(root, split, windows, cfg), batch_sampler=batches, collate_fn=_collate,
         num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+    log.info("%s: %d anatomy crops in %d windows", split, len(specs), len(windows))
     for image, mask, idx in tqdm(loader, desc=f"encode {split}", unit="batch", dynamic_ncols=True):
         with autocast_context(cfg, device):
             feats, present = model.encode_image(image.to(device), mask.to(device))
         feats, present = feats.float().cpu().numpy(), present.cpu().numpy()
         for j, i in enumerate(idx):
-            s = specs[i]
-            k = max(s.anatomy, 0)
-            if present[j, k]:
-                features[row[s.volume], k] = feats[j, k]
+            for s in windows[i]:
+                k = max(s.anatomy, 0)
+                if present[j, k]:
+                    features[row[s.volume], k] = feats[j, k]
     return volumes, features
 
 
@@ -231,7 +259,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Pa
         table = other
     volumes, features = anatomy_embeddings(model, cfg, table, data, split, dev, batch_size)
     probs = prompt_probabilities(model, cfg, table, features, dev)
-    df = pd.DataFrame({"VolumeName": [f"{v}.nii.gz" for v in volumes], **probs})
+    order = {label: i for i, label in enumerate(CT_RATE_LABELS)}  # columns in the labels CSV's order
+    columns = sorted(probs, key=lambda label: (order.get(label, len(order)), label))
+    df = pd.DataFrame({"VolumeName": [f"{v}.nii.gz" for v in volumes], **{c: probs[c] for c in columns}})
     with atomic_path(out, suffix=".csv") as tmp:
         df.to_csv(tmp, index=False, na_rep="")
     missing = {k: int(np.isnan(v).sum()) for k, v in probs.items() if np.isnan(v).any()}

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fvlm.data import ctrate
+from fvlm.data.ctrate import no_chest_path, read_volume_list  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +48,6 @@ _EXAMPLES = 5  # names shown per problem in the log summary (the JSON report lis
 
 
 # ----------------------------------------------------------------------------------------------- small readers
-def no_chest_path(root: str | Path, split: str) -> Path:
-    """``metadata/no_chest_{split}.txt`` (the CT-RATE list of non-chest volumes of a split)."""
-    return Path(root) / "metadata" / f"no_chest_{split}.txt"
-
-
-def read_volume_list(path: str | Path) -> list[str]:
-    """Volume names of a text list such as ``no_chest_valid.txt``: one per line (commas, spaces and a
-    ``.nii.gz`` suffix tolerated), blank lines and ``#`` comments skipped; order kept, duplicates dropped."""
-    names: dict[str, None] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for line in f:
-            line = line.split("#", 1)[0]
-            for token in line.replace(",", " ").split():
-                token = token.strip().strip("'\"")
-                if token and token.lower() != "volumename":
-                    names[ctrate.strip_extension(token)] = None
-    return list(names)
 
 
 @dataclass(frozen=True)

@@ -558,3 +558,22 @@ def select_reconstructions(names: Iterable[str], metadata: Mapping[str, VolumeMe
                                   -(metadata[n].n_voxels if n in metadata else 0), natural_key(n)))
         kept.extend(group[:k])
     return sorted(kept, key=natural_key)
+
+
+def no_chest_path(root: str | Path, split: str) -> Path:
+    """``metadata/no_chest_{split}.txt`` (the CT-RATE list of non-chest volumes of a split)."""
+    return Path(root) / "metadata" / f"no_chest_{split}.txt"
+
+
+def read_volume_list(path: str | Path) -> list[str]:
+    """Volume names of a text list such as ``no_chest_valid.txt``: one per line (commas, spaces and a
+    ``.nii.gz`` suffix tolerated), blank lines and ``#`` comments skipped; order kept, duplicates dropped."""
+    names: dict[str, None] = {}
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:
+            line = line.split("#", 1)[0]
+            for token in line.replace(",", " ").split():
+                token = token.strip().strip("'\"")
+                if token and token.lower() != "volumename":
+                    names[strip_extension(token)] = None
+    return list(names)

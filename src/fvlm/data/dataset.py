@@ -1,10 +1,11 @@
 """Training and evaluation datasets over a processed data directory (see docs/architecture.md).
 
 Training items are *scans*: each time an item is drawn, one of the scan's reconstructions is chosen at
-random (as released), a random crop of ``data.crop_size`` is read from the memory-mapped arrays, flipped
-at random per axis, and every anatomy is marked valid when it is intact in the crop (the one rule in
-:func:`fvlm.anatomy.intact_anatomies`) and the scan has anatomy texts. Randomness is a pure function of
-``(seed, epoch, index)``, so runs are reproducible and resumable whatever the number of loader workers.
+random (as released), a random crop of ``data.crop_size`` is read from the chunked store (only the chunks
+it touches are decoded), flipped at random per axis, and every anatomy is marked valid when it is intact
+in the crop (the one rule in :func:`fvlm.anatomy.intact_anatomies`) and the scan has anatomy texts.
+Randomness is a pure function of ``(seed, epoch, index)``, so runs are reproducible and resumable whatever
+the number of loader workers.
 
 Texts are tokenised in the collate function: each distinct text of the batch once, padded to the longest
 (not to ``max_length``), and the batch carries ``text_index`` into that list plus integer text ids and
@@ -52,7 +53,7 @@ def _report_texts(root: Path, split: str) -> dict[str, str]:
 
 @dataclass
 class Sample:
-    image: np.ndarray  # float32 (1, D, H, W) in [0, 1]
+    image: np.ndarray  # float32 (1, D, H, W): HU windowed by data.hu_window to [0, 1]
     mask: np.ndarray  # uint8 (D, H, W)
     valid: np.ndarray  # bool (A,)
     is_normal: np.ndarray  # bool (A,)
@@ -64,7 +65,7 @@ def random_crop_flip(image: np.ndarray, mask: np.ndarray, size: Sequence[int], f
                      rng: np.random.Generator, pad_value: int) -> tuple[np.ndarray, np.ndarray]:
     """Random crop of ``size`` (D, H, W) (padding if the volume is smaller) and random flips per axis.
 
-    ``image`` and ``mask`` may be memory-mapped: only the crop window is read.
+    ``image`` and ``mask`` may be lazily decoded store arrays: only the crop window is read.
     """
     starts, pads = [], []
     for s, n in zip(size, image.shape):

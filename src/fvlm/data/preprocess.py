@@ -474,8 +474,14 @@ def process_volume(job: VolumeJob, out: str | Path, data_cfg: DataConfig, table:
         if job.version in ("auto", "v1") and job.metadata is None:
             raise ValueError(f"missing from the metadata CSV {job.metadata_file or '(none found)'}")
         if not Path(job.label).exists():
+            why = ""
+            if job.version in ("auto", "v1") and job.metadata is not None:
+                try:  # the usual reason a map is missing: fvlm segment could not fix this volume either
+                    job.metadata.fix_geometry()
+                except ValueError as e:
+                    why = f"; note: {e} (needed if the volume is v1)"
             raise FileNotFoundError(f"label map {job.label} not found (segment the volume with TotalSegmentator v2, "
-                                    f"task total, multilabel output)")
+                                    f"task total, multilabel output){why}")
         image = read_nifti(job.image)
         check_finite(image.array)  # before version detection, whose statistics NaN would confuse
         label = read_nifti(job.label)
@@ -559,8 +565,12 @@ def parse_reconstructions(text: str | int | None) -> int | None:
 
 
 def ctrate_jobs(root: str | Path, splits: Sequence[str], version: str = "auto",
-                reconstructions: int | None = None) -> list[VolumeJob]:
-    """Jobs for the volumes of a CT-RATE-format root found on disk (natural order, per split)."""
+                reconstructions: int | None = None, exclude_no_chest: bool = True) -> list[VolumeJob]:
+    """Jobs for the volumes of a CT-RATE-format root found on disk (natural order, per split).
+
+    Volumes listed in ``metadata/no_chest_{split}.txt`` (CT-RATE's non-chest CTs, even head scans) are
+    left out unless ``exclude_no_chest=False``.
+    """
     root = Path(root)
     if not (root / "dataset").is_dir():
         raise FileNotFoundError(f"{root}/dataset not found: --data must be a CT-RATE-format root "
@@ -579,6 +589,12 @@ def ctrate_jobs(root: str | Path, splits: Sequence[str], version: str = "auto",
         if not files:
             log.warning("no volumes under %s/dataset/%s[_fixed]", root, split)
             continue
+        if exclude_no_chest and ctrate.no_chest_path(root, split).exists():
+            listed = set(ctrate.read_volume_list(ctrate.no_chest_path(root, split)))
+            excluded = [n for n in files if n in listed]
+            files = {n: f for n, f in files.items() if n not in listed}
+            log.info("%s: left out %d non-chest volume(s) listed in %s (--include-no-chest keeps them)", split,
+                     len(excluded), ctrate.no_chest_path(root, split))
         names = ctrate.select_reconstructions(files, metadata, reconstructions)
         if len(names) < len(files):
             log.info("%s: keeping %d of %d reconstructions (at most %d per scan)", split, len(names), len(files),
@@ -748,7 +764,8 @@ def run_preprocess_cli(args: argparse.Namespace) -> int:
                                                   if (Path(args.data) / "dataset" / s).is_dir()
                                                   or (Path(args.data) / "dataset" / f"{s}_fixed").is_dir()]
         jobs = ctrate_jobs(args.data, splits, version=args.version,
-                           reconstructions=parse_reconstructions(args.reconstructions))
+                           reconstructions=parse_reconstructions(args.reconstructions),
+                           exclude_no_chest=not getattr(args, "include_no_chest", False))
     else:
         jobs = pairs_jobs(args.pairs, default_split=args.split or "valid")
         splits = []

@@ -45,13 +45,23 @@ class FVLM(nn.Module):
         width = m.vision.width
         self.num_anatomies = num_anatomies
         self.temp_min, self.temp_max = m.temp_min, m.temp_max
-        self.visual_encoder = ViT3D(m.vision, cfg.data.crop_size)
+        self.visual_encoder = ViT3D(m.vision, cfg.data.crop_size, in_channels=len(cfg.input_windows))
+        # extra input windows are computed from the [0, 1] image here, in one vectorised step, so the data
+        # pipeline always ships one channel: x * (high - low) + low recovers the (clipped) HU exactly
+        low, high = cfg.data.hu_window
+        windows = torch.tensor(cfg.data.input_windows, dtype=torch.float32).reshape(-1, 2)
+        self.register_buffer("_window_scale", ((high - low) / (windows[:, 1] - windows[:, 0])).reshape(1, -1, 1, 1, 1),
+                             persistent=False)
+        self.register_buffer("_window_shift", ((low - windows[:, 0]) / (windows[:, 1] - windows[:, 0])
+                                               ).reshape(1, -1, 1, 1, 1), persistent=False)
         if m.vision.pretrained:
             load_mae_weights(self.visual_encoder, m.vision.pretrained)
         self.text_encoder, self.tokenizer = build_text_encoder(m.text)
         self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, m.embed_dim)
         self.vision_projs = nn.ModuleList(nn.Linear(width, m.embed_dim) for _ in range(num_anatomies))
         self.query_tokens = nn.Parameter(torch.zeros(1, num_anatomies, width))  # zero init, as released
+        if m.query_init_std > 0:
+            nn.init.normal_(self.query_tokens, std=m.query_init_std)
         self.attention = nn.MultiheadAttention(width, m.pool_heads, dropout=m.pool_dropout, batch_first=True)
         self.temp = nn.Parameter(torch.tensor(float(m.temp_init)))
         self._frozen_text = frozen_text_modules(self.text_encoder, m.text.freeze_layers)
@@ -84,14 +94,19 @@ class FVLM(nn.Module):
         """Anatomy features of a batch of volumes.
 
         Args:
-            image: float (B, 1, D, H, W) windowed to [0, 1]; D, H, W multiples of the patch size (any multiple:
-                the position embedding is interpolated).
+            image: float (B, 1, D, H, W), HU windowed by ``data.hu_window`` to [0, 1] (with
+                ``data.input_windows`` the model expands it to one channel per window); D, H, W multiples of the
+                patch size (any multiple: the position embedding is interpolated).
             mask: integer (B, D, H, W), 0 background, k + 1 = anatomy k.
         Returns:
             features (B, A, E), L2-normalised, 0 where the anatomy has no token; present bool (B, A).
         """
         if mask.shape[0] != image.shape[0] or tuple(mask.shape[1:]) != tuple(image.shape[2:]):
             raise ValueError(f"mask {tuple(mask.shape)} does not match image {tuple(image.shape)}")
+        if self._window_scale.numel():
+            if image.shape[1] != 1:
+                raise ValueError(f"expected a 1-channel image windowed by data.hu_window, got {tuple(image.shape)}")
+            image = (image * self._window_scale + self._window_shift).clamp_(0.0, 1.0)
         levels = self.visual_encoder(image)
         membership = token_membership(mask, self.num_anatomies, self.patch_size)
         pooled, present = anatomy_attention(levels, membership, self.query_tokens, self.attention)
@@ -128,22 +143,31 @@ class FVLM(nn.Module):
 _NO_DECAY_NAMES = ("temp", "query_tokens", "position_embeddings")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 text_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """AdamW parameter groups: weight decay on weight matrices/kernels only.
 
     No decay on 1-d parameters (norms, biases), the temperature, the anatomy queries and position
     embeddings (the ViT's and BERT's). Frozen parameters are left out. Works on a DDP-wrapped model too.
+    With ``lr`` given, the pretrained text encoder's groups get ``lr * text_lr_scale`` (fine-tuning a
+    pretrained BERT at a from-scratch ViT's learning rate can collapse its features); empty groups are
+    dropped.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.split(".")
-        if p.ndim <= 1 or any(part in _NO_DECAY_NAMES for part in leaf):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or any(part in _NO_DECAY_NAMES for part in leaf)
+        is_text = "text_encoder" in leaf
+        groups.setdefault((no_decay, is_text), []).append(p)
+    out = []
+    for (no_decay, is_text), params in sorted(groups.items()):
+        group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if lr is not None:
+            group["lr"] = lr * (text_lr_scale if is_text else 1.0)
+        out.append(group)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- weights

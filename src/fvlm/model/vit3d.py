@@ -50,11 +50,11 @@ class ViT3D(ViT):
             ``crop_size / patch_size``.
     """
 
-    def __init__(self, cfg: VisionConfig, crop_size: Sequence[int]):
+    def __init__(self, cfg: VisionConfig, crop_size: Sequence[int], in_channels: int = 1):
         if len(crop_size) != 3 or any(s % p for s, p in zip(crop_size, cfg.patch_size)):
             raise ValueError(f"crop size {tuple(crop_size)} is not a multiple of patch size {cfg.patch_size}")
         super().__init__(
-            in_channels=1,
+            in_channels=in_channels,
             img_size=tuple(crop_size),
             patch_size=tuple(cfg.patch_size),
             hidden_size=cfg.width,
@@ -81,6 +81,24 @@ class ViT3D(ViT):
         if any(not 1 <= lv <= cfg.depth for lv in self.levels):
             raise ValueError(f"vision levels {self.levels} must lie in 1..depth={cfg.depth}")
         self.grad_checkpointing = cfg.grad_checkpointing
+        self.in_channels = in_channels
+        if cfg.stem_channels:
+            self._build_stem(cfg)
+
+    def _build_stem(self, cfg: VisionConfig) -> None:
+        """Replace the linear patch embedding by stride-2 convs + a patchify conv of the remaining factor."""
+        factor = 2 ** len(cfg.stem_channels)
+        if any(p % factor for p in cfg.patch_size):
+            raise ValueError(f"model.vision.patch_size={cfg.patch_size} must be divisible by 2^len(stem_channels)"
+                             f"={factor}")
+        layers: list[nn.Module] = []
+        c = self.patch_embedding.patch_embeddings.in_channels
+        for ch in cfg.stem_channels:
+            layers += [nn.Conv3d(c, ch, kernel_size=3, stride=2, padding=1), nn.GroupNorm(min(8, ch), ch), nn.GELU()]
+            c = ch
+        rest = tuple(p // factor for p in cfg.patch_size)
+        self.patch_embedding.stem = nn.Sequential(*layers)
+        self.patch_embedding.patch_embeddings = nn.Conv3d(c, cfg.width, kernel_size=rest, stride=rest)
 
     @property
     def num_levels(self) -> int:
@@ -118,15 +136,17 @@ class ViT3D(ViT):
         """Encode a batch of volumes.
 
         Args:
-            x: float (B, 1, D, H, W), D, H, W multiples of the patch size.
+            x: float (B, C, D, H, W) (C = input windows), D, H, W multiples of the patch size.
         Returns:
             ``len(levels) + 1`` tensors (B, N, W), N = gd * gh * gw tokens in (z, y, x) raster order:
             the outputs of the blocks in ``levels`` (not normed) and the final LayerNorm output.
         """
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"expected an image batch (B, 1, D, H, W), got shape {tuple(x.shape)}")
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected an image batch (B, {self.in_channels}, D, H, W), got shape {tuple(x.shape)}")
         grid = self.token_grid(x.shape[2:])
         pe = self.patch_embedding
+        if hasattr(pe, "stem"):
+            x = pe.stem(x)
         h = pe.patch_embeddings(x).flatten(2).transpose(1, 2)  # (B, N, W)
         h = pe.dropout(h + self.position_embedding(grid))
         out = []
