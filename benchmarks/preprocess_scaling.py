@@ -1,7 +1,7 @@
 """Benchmark: `fvlm preprocess` throughput with 1 and 2 worker processes, peak memory per process, and an
 estimate of the wall time for all of CT-RATE.
 
-    python benchmarks/preprocess_scaling.py --volumes 6 --repeats 2
+    python benchmarks/preprocess_scaling.py --volumes 16 --repeats 2
 
 Input: `fvlm synth --size full` (CT-RATE v1 files, 512 x 512 x ~200 slices with label maps), the paper preset.
 Each configuration runs the real command line (`python -m fvlm preprocess --workers K`) in a fresh output
@@ -38,8 +38,8 @@ CT_RATE_VOLUMES = 50_188
 log = logging.getLogger("bench.preprocess_scaling")
 
 
-def _children(pid: int) -> list[int]:
-    """All descendants of ``pid`` (from /proc/*/stat parent ids)."""
+def _descendants(pid: int) -> dict[int, int]:
+    """All descendants of ``pid`` -> their parent pid (from /proc/*/stat)."""
     parent: dict[int, int] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -48,12 +48,14 @@ def _children(pid: int) -> list[int]:
                 parent[int(d.name)] = int(fields[1])
             except (OSError, IndexError, ValueError):
                 continue
-    out, frontier = [], [pid]
+    out: dict[int, int] = {}
+    frontier = [pid]
     while frontier:
         p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out.extend(kids)
-        frontier.extend(kids)
+        for c, pp in parent.items():
+            if pp == p:
+                out[c] = p
+                frontier.append(c)
     return out
 
 
@@ -79,8 +81,11 @@ def run_once(root: Path, out: Path, workers: int, config: str) -> dict:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             encoding="utf-8", errors="replace")
     peaks: dict[int, tuple[float, str]] = {}
+    parents: dict[int, int] = {}
     while proc.poll() is None:
-        for pid in [proc.pid, *_children(proc.pid)]:
+        kids = _descendants(proc.pid)
+        parents.update(kids)
+        for pid in [proc.pid, *kids]:
             got = _hwm_mb(pid)
             if got is not None and got[0] >= peaks.get(pid, (0.0, ""))[0]:
                 peaks[pid] = got
@@ -92,9 +97,10 @@ def run_once(root: Path, out: Path, workers: int, config: str) -> dict:
     with open(out / "manifest.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
     main_mb = peaks.get(proc.pid, (0.0, ""))[0]
-    # pool workers are python processes started by the command (the forkserver itself does no volume work)
-    worker_mb = sorted((mb for pid, (mb, c) in peaks.items() if pid != proc.pid and "forkserver" not in c),
-                       reverse=True)
+    # pool workers are forked by the forkserver (a child of the command that does no volume work itself; its
+    # children inherit its command line); the resource tracker is left out too
+    servers = {pid for pid, (_, c) in peaks.items() if parents.get(pid) == proc.pid and "forkserver" in c}
+    worker_mb = sorted((mb for pid, (mb, _) in peaks.items() if parents.get(pid) in servers), reverse=True)
     return {"wall_s": round(wall, 2), "volumes": len(rows), "main_peak_mb": round(main_mb, 1),
             "worker_peak_mb": [round(m, 1) for m in worker_mb[:workers]],
             "volume_seconds": [float(r["seconds"]) for r in rows if r.get("seconds")]}
@@ -109,7 +115,7 @@ def ct_rate_mean_voxels(metadata_csv: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--volumes", type=int, default=6, help="full-size synthetic volumes to process per run")
+    p.add_argument("--volumes", type=int, default=16, help="full-size synthetic volumes to process per run")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--config", default="paper_vitb")
@@ -135,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(meta, newline="") as f:
                 shapes = [int(r["Rows"]) * int(r["Columns"]) * int(r["NumberofSlices"]) for r in csv.DictReader(f)]
         synth_voxels = statistics.mean(shapes)
+        inputs = [f for f in (root / "dataset" / "train").rglob("*.nii.gz")]
+        input_mb = statistics.mean(f.stat().st_size for f in inputs) / 1e6
         runs: dict[int, list[dict]] = {w: [] for w in args.workers}
         for r in range(args.repeats):
             for w in args.workers:
@@ -171,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                 "per_worker_volumes_per_min_at_ct_rate_size": round(per_worker, 2),
                 "ct_rate_hours_32_workers": round(CT_RATE_VOLUMES / (per_worker * 32) / 60, 2),
                 "memory_32_workers_gb": round(32 * (summary["2"]["worker_peak_mb_max"] or 0) * scale / 1024, 1),
+                "synthetic_input_mb_per_volume": round(input_mb, 1),
+                # the same rate needs this read bandwidth (compressed .nii.gz in, scaled to CT-RATE sizes)
+                "read_mb_per_s_32_workers": round(per_worker * 32 * input_mb * scale / 60),
             }
         result = {"benchmark": "preprocess_scaling", "machine": machine(), "config": args.config,
                   "data": f"fvlm synth --size full --train {args.volumes} --valid 0 --seed {args.seed} "

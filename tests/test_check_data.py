@@ -203,4 +203,4 @@ def test_unusable_root_exit_code(tmp_path):
 def test_read_volume_list(tmp_path):
     p = tmp_path / "l.txt"
     p.write_text("# comment\nvalid_1_a_1.nii.gz\n\nvalid_2_a_1, valid_1_a_1\n'valid_3_a_2'\n")
-    assert check.read_volume_list(p) == ["valid_1_a_1", "valid_2_a_1", "valid_3_a_2"]
+    assert ctrate.read_volume_list(p) == ["valid_1_a_1", "valid_2_a_1", "valid_3_a_2"]

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fvlm.data import ctrate
-from fvlm.data.ctrate import no_chest_path, read_volume_list  # noqa: F401  (re-exported)
+from fvlm.data.ctrate import no_chest_path, read_volume_list
 
 log = logging.getLogger(__name__)
 

@@ -765,7 +765,7 @@ def run_preprocess_cli(args: argparse.Namespace) -> int:
                                                   or (Path(args.data) / "dataset" / f"{s}_fixed").is_dir()]
         jobs = ctrate_jobs(args.data, splits, version=args.version,
                            reconstructions=parse_reconstructions(args.reconstructions),
-                           exclude_no_chest=not getattr(args, "include_no_chest", False))
+                           exclude_no_chest=not args.include_no_chest)
     else:
         jobs = pairs_jobs(args.pairs, default_split=args.split or "valid")
         splits = []
