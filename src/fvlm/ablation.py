@@ -34,15 +34,24 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def ablation_table(runs: list[dict[str, Any]]) -> str:
-    """Markdown table: variant, runs, mean +- sd macro AUC, per-seed values."""
-    lines = ["| variant | runs | macro AUC mean +- sd | per seed |", "|---|---|---|---|"]
+def ablation_table(runs: list[dict[str, Any]], reference: str = "anatomy") -> str:
+    """Markdown table: variant, runs, mean +- sd macro AUC, the paired difference to ``reference`` (same seed,
+    so the seed-to-seed spread that all variants share cancels), per-seed values."""
+    by_seed = {(r["variant"], r["seed"]): r["macro_auc"] for r in runs}
+    lines = [f"| variant | runs | macro AUC mean +- sd | paired difference to {reference} (mean +- sd) | per seed |",
+             "|---|---|---|---|---|"]
     for variant in VARIANTS:
-        aucs = [r["macro_auc"] for r in runs if r["variant"] == variant]
-        if not aucs:
+        seeds = sorted(s for v, s in by_seed if v == variant)
+        if not seeds:
             continue
+        aucs = [by_seed[(variant, s)] for s in seeds]
         sd = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
-        lines.append(f"| {variant} | {len(aucs)} | {statistics.mean(aucs):.3f} +- {sd:.3f} | "
+        diffs = [by_seed[(variant, s)] - by_seed[(reference, s)] for s in seeds if (reference, s) in by_seed]
+        if variant == reference or not diffs:
+            paired = "-"
+        else:
+            paired = f"{statistics.mean(diffs):+.3f} +- {statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.3f}"
+        lines.append(f"| {variant} | {len(aucs)} | {statistics.mean(aucs):.3f} +- {sd:.3f} | {paired} | "
                      + ", ".join(f"{a:.3f}" for a in aucs) + " |")
     return "\n".join(lines)
 
