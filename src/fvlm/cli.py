@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "tokenizer, and text weights the checkpoint may lack")
     p.add_argument("--tokenizer", default="", help="tokenizer directory (default: --text-model)")
     p.add_argument("--anatomy-table", default="released", help="anatomy table of the checkpoint (name or JSON)")
-    _add_config_args(p, default="paper_vitb")
+    p.add_argument("--model-config", default="", help="the LAVIS run config of the checkpoint (YAML): vit_num_heads "
+                                                       "and max_txt_len (the other sizes come from the tensors)")
+    _add_config_args(p, default="paper_released")
     p.add_argument("--trust-pickle", action="store_true",
                    help="if the file needs more than tensors to load (weights_only fails), unpickle it anyway: "
                         "runs code from the file, so only for files from a source you trust")

@@ -28,9 +28,20 @@ class DataConfig:
     # window (each clipped and scaled to [0, 1]; within hu_window, which is what the store keeps).
     input_windows: tuple[tuple[float, float], ...] = ()
     margin: tuple[int, int, int] = (5, 20, 20)  # voxels added around the anatomies' bounding box (z, y, x)
+    # voxels added after the box's last voxel (z, y, x); () = margin. The released preprocessing slices
+    # [min - 5, max + 5) (max inclusive), i.e. 4 / 19 voxels after: paper_released sets (4, 19, 19)
+    margin_after: tuple[int, ...] = ()
     crop_size: tuple[int, int, int] = (112, 256, 352)  # training crop = ViT input; volumes padded to >= this
     eval_crop_size: tuple[int, int, int] = (112, 288, 352)  # minimum anatomy-centred crop at evaluation
     flip_prob: float = 0.2  # per axis, training only
+    # evaluation window: "centred" (ours: centred on the box, size max(eval_crop_size, extent) rounded up to the
+    # patch, padded on both sides where the volume is smaller) or "released" (eval.py: max(eval_crop_size,
+    # max - min) per axis, clamped inside the volume, padded at the end to a patch multiple)
+    eval_window: str = "centred"
+    # anatomy texts: "fvlm" (impression + " " + findings, whitespace normalised) or "released" (the
+    # released CaptionDataset strings: impression. + findings., template for a normal anatomy, raw-string
+    # identity; scans missing from the text files are all-normal instead of left out)
+    text_rule: str = "fvlm"
     texts: str = ""  # directory with desc_info.json / conc_info.json; "" = the copy made by preprocessing
 
 
@@ -65,6 +76,8 @@ class TextConfig:
     freeze_layers: int = 0  # > 0: freeze the embeddings and the lowest freeze_layers layers (no dropout there)
     pooling: str = "cls"  # "cls" (the released [CLS] state) or "mean" (masked mean, for sentence-transformers)
     cache_frozen: int = 0  # > 0 (needs freeze_layers): keep the frozen layers' output of up to N distinct texts
+    # False = the released med.py BERT: no token-type embedding is added (HF BertModel adds its row 0)
+    type_embeddings: bool = True
 
 
 @dataclass
@@ -106,6 +119,9 @@ class TrainConfig:
     amp: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "off"
     ckpt_every: int = 1000  # optimizer steps; a checkpoint is also written at the end
     log_every: int = 10
+    # "step": warm-up, then cosine per optimizer step (ours); "epoch": the released LAVIS schedule (linear
+    # warm-up inside epoch 0, then constant to its end; cosine stepped once per epoch from epoch 1 on)
+    lr_schedule: str = "step"
 
 
 @dataclass
@@ -140,6 +156,16 @@ class Config:
             raise ValueError("model.text.cache_frozen needs model.text.freeze_layers > 0 (only frozen layers cache)")
         if self.model.text.pooling not in ("cls", "mean"):
             raise ValueError(f"model.text.pooling must be 'cls' or 'mean', got {self.model.text.pooling!r}")
+        if self.data.eval_window not in ("centred", "released"):
+            raise ValueError(f"data.eval_window must be 'centred' or 'released', got {self.data.eval_window!r}")
+        if self.data.text_rule not in ("fvlm", "released"):
+            raise ValueError(f"data.text_rule must be 'fvlm' or 'released', got {self.data.text_rule!r}")
+        if self.data.margin_after and (len(self.data.margin_after) != 3 or any(
+                not 0 <= a <= m for a, m in zip(self.data.margin_after, self.data.margin))):
+            raise ValueError(f"data.margin_after={list(self.data.margin_after)} must be 3 values in 0..data.margin="
+                             f"{list(self.data.margin)} (or [] for the same as margin)")
+        if self.train.lr_schedule not in ("step", "epoch"):
+            raise ValueError(f"train.lr_schedule must be 'step' or 'epoch', got {self.train.lr_schedule!r}")
         if self.train.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train.amp must be auto, bf16 or off, got {self.train.amp!r}")
         if self.data.hu_window[0] >= self.data.hu_window[1]:

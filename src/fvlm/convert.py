@@ -180,6 +180,58 @@ def infer_text_config(state: dict[str, torch.Tensor], heads: int | None = None,
     return fields
 
 
+def infer_vision_fields(state: dict[str, torch.Tensor], heads: int | None = None) -> dict[str, Any]:
+    """``model.vision`` sizes of a released state dict: width, depth, MLP size and patch size from the tensor
+    shapes; heads (not in any shape) from ``heads``, else width / 64 (the released ViT-B: 768 / 12).
+
+    Empty when the file holds no ``visual_encoder`` tensors.
+    """
+    fields: dict[str, Any] = {}
+    norm = state.get("visual_encoder.norm.weight")
+    if norm is None:
+        return fields
+    fields["width"] = int(norm.shape[0])
+    blocks = {int(k.split(".")[2]) for k in state if k.startswith("visual_encoder.blocks.")}
+    if blocks:
+        fields["depth"] = max(blocks) + 1
+    mlp = state.get("visual_encoder.blocks.0.mlp.linear1.weight")
+    if mlp is not None:
+        fields["mlp_dim"] = int(mlp.shape[0])
+    kernel = state.get("visual_encoder.patch_embedding.patch_embeddings.weight")
+    if kernel is not None and kernel.ndim == 5:
+        fields["patch_size"] = [int(k) for k in kernel.shape[2:]]
+    fields["heads"] = int(heads) if heads else max(1, fields["width"] // 64)
+    if fields["width"] % fields["heads"]:
+        raise ValueError(f"vision width {fields['width']} is not divisible by {fields['heads']} attention heads")
+    return fields
+
+
+def read_lavis_config(path: str | Path) -> dict[str, Any]:
+    """The settings of a LAVIS run config (``model_config.yaml`` / ``pretrain_ct.yaml``) that fix the model:
+    ``vit_hidden_size``, ``vit_mlp_dim``, ``vit_num_heads``, ``vit_num_layers``, ``max_txt_len``, ``embed_dim``
+    (``model:`` section), and the run's ``amp``. Missing keys are left out (the released ViT-B sizes are
+    MONAI's defaults and not in its YAML)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LAVIS config {path} not found")
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not a readable YAML file: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping with 'model:' and 'run:' sections")
+    model = doc.get("model") or {}
+    run = doc.get("run") or {}
+    keys = ("vit_hidden_size", "vit_mlp_dim", "vit_num_heads", "vit_num_layers", "max_txt_len", "embed_dim")
+    out = {k: model[k] for k in keys if k in model}
+    if "amp" in run:
+        out["amp"] = bool(run["amp"])
+    return out
+
+
 def config_differences(state: dict[str, torch.Tensor], cfg: Config, num_anatomies: int) -> list[str]:
     """What the released tensors say about the model's sizes, where the configuration says otherwise (checked
     before a model is built, so a wrong preset fails fast and by name rather than by tensor shapes)."""
@@ -241,7 +293,7 @@ def _sha256(path: Path) -> str:
 
 def build_config(config: str | Path, overrides: Sequence[str] | None, text_model: str, tokenizer: str,
                  text_fields: dict[str, Any]) -> Config:
-    """The run's configuration: the preset (paper_vitb by default) with vision init off and the text encoder
+    """The run's configuration: the preset (paper_released by default) with vision init off and the text encoder
     set to the checkpoint's architecture, tokenised by ``tokenizer`` (or ``text_model``)."""
     cfg = load_config(config, list(overrides or []))
     tok = tokenizer or text_model
@@ -264,8 +316,9 @@ def build_config(config: str | Path, overrides: Sequence[str] | None, text_model
 
 
 def convert_official(ckpt: str | Path, out: str | Path, text_model: str = "", tokenizer: str = "",
-                     anatomy_table: str | Path = "released", config: str | Path = "paper_vitb",
-                     overrides: Sequence[str] | None = None, trust_pickle: bool = False) -> dict[str, Any]:
+                     anatomy_table: str | Path = "released", config: str | Path = "paper_released",
+                     overrides: Sequence[str] | None = None, trust_pickle: bool = False,
+                     model_config: str | Path = "") -> dict[str, Any]:
     """Convert the released checkpoint ``ckpt`` into the run directory ``out``; returns the report.
 
     Raises ``ValueError`` naming the keys when model tensors are missing or shapes disagree with the config
@@ -286,6 +339,22 @@ def convert_official(ckpt: str | Path, out: str | Path, text_model: str = "", to
     extra = _text_model_fields(text_model) if text_model else {}
     heads = extra.get("num_attention_heads") or (preset.model.text.random_init or {}).get("num_attention_heads")
     fields = infer_text_config(text_keys, heads, fallback=extra)
+    # the vision sizes from the tensors (heads: the LAVIS config's vit_num_heads, else the preset's when the width
+    # is the preset's, else width / 64); the user's --set still wins and config_differences checks the result
+    lavis = read_lavis_config(model_config) if model_config else {}
+    vheads = lavis.get("vit_num_heads")
+    vision = infer_vision_fields(raw, vheads or (preset.model.vision.heads if raw.get("visual_encoder.norm.weight")
+                                                 is not None and raw["visual_encoder.norm.weight"].shape[0]
+                                                 == preset.model.vision.width else None))
+    derived = [f"model.vision.{k}={json.dumps(v)}" for k, v in vision.items()]
+    if "max_txt_len" in lavis:
+        derived.append(f"model.text.max_length={int(lavis['max_txt_len'])}")
+    if "text_proj.weight" in raw:
+        derived.append(f"model.embed_dim={int(raw['text_proj.weight'].shape[0])}")
+    for k, key in {"vit_hidden_size": "width", "vit_num_layers": "depth", "vit_mlp_dim": "mlp_dim"}.items():
+        if k in lavis and vision.get(key) is not None and int(lavis[k]) != vision[key]:
+            raise ValueError(f"{model_config}: {k}={lavis[k]} but the checkpoint's tensors say {vision[key]}")
+    overrides = derived + list(overrides or [])
     cfg = build_config(config, overrides, text_model, tokenizer, fields)
 
     n_anatomies = 1 if cfg.loss.mode == "global" else len(table)
@@ -343,6 +412,8 @@ def convert_official(ckpt: str | Path, out: str | Path, text_model: str = "", to
         "source_sha256": _sha256(ckpt),
         "checkpoint": str(ckpt_dir),
         "config": str(config),
+        "lavis_config": str(Path(model_config).resolve()) if model_config else "",
+        "derived_settings": derived,
         "anatomy_table": table.name,
         "top_level_keys": info["top_level_keys"],
         "epoch": info["epoch"],
@@ -365,6 +436,69 @@ def convert_official(ckpt: str | Path, out: str | Path, text_model: str = "", to
     return result
 
 
+def import_released_volumes(images: str | Path, masks: str | Path, out: str | Path, split: str,
+                            anatomy_table: str | Path = "released",
+                            hu_window: tuple[float, float] = (-1150.0, 350.0)) -> list[str]:
+    """Store volumes the released preprocessing wrote (``processed_*_images/*.nii.gz``: float32 in [0, 1] =
+    HU windowed by ``hu_window``; ``processed_*_masks``: anatomy ids 1..A) as processed volumes of ``split`` in
+    ``out``, so ``fvlm eval`` / ``embed`` score exactly the arrays the released eval.py reads.
+
+    The array axes are kept as stored ((D, H, W), no reorientation: MONAI ``LoadImaged`` does none either). The
+    image goes back to integer HU (``round(x * (high - low) + low)``); a value that is not within 0.01 HU of an
+    integer is an error naming the file (the store keeps integer HU, so such a volume would be changed).
+    Returns the volume names; every failure is reported together at the end (``ValueError``).
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from fvlm.data import store
+    from fvlm.data.preprocess import bounding_box, count_values
+
+    images, masks, out = Path(images), Path(masks), Path(out)
+    table = load_anatomy_table(anatomy_table)
+    files = sorted(images.glob("*.nii.gz"))
+    if not files:
+        raise FileNotFoundError(f"{images}: no .nii.gz volumes")
+    low, high = float(hu_window[0]), float(hu_window[1])
+    done, errors = [], []
+    for f in files:
+        name = f.name[: -len(".nii.gz")]
+        try:
+            mpath = masks / f.name
+            if not mpath.is_file():
+                raise FileNotFoundError(f"mask {mpath} not found")
+            img = nib.load(str(f))
+            x = np.asarray(img.dataobj, dtype=np.float64)
+            m = np.asarray(nib.load(str(mpath)).dataobj)
+            if x.ndim != 3 or m.shape != x.shape:
+                raise ValueError(f"image {x.shape} and mask {m.shape} must be equal 3D shapes")
+            hu = x * (high - low) + low
+            rounded = np.rint(hu)
+            if np.abs(hu - rounded).max() > 0.01:
+                raise ValueError(f"values are not integer HU windowed by {hu_window} (largest distance to an integer "
+                                 f"{np.abs(hu - rounded).max():.3f} HU)")
+            if (m != np.rint(m)).any() or m.min() < 0 or m.max() > len(table):
+                raise ValueError(f"mask values must be integers 0..{len(table)} (anatomies {table.names})")
+            mask = m.astype(np.uint8)
+            counts = count_values(mask, len(table))
+            anatomies = {}
+            for k, anatomy in enumerate(table.names):
+                box = bounding_box(mask == k + 1) if counts[k] else None
+                anatomies[anatomy] = {"voxels": int(counts[k]), "bbox": list(box) if box else None}
+            zooms = img.header.get_zooms()[:3]
+            meta = {"scan": name.rsplit("_", 1)[0], "spacing": [float(z) for z in zooms[::-1]], "anatomies": anatomies,
+                    "source": {"image": str(f.resolve()), "mask": str(mpath.resolve()), "version": "released"}}
+            store.write_volume(out, split, name, np.clip(rounded, low, high).astype(np.int16), mask, meta)
+            done.append(name)
+        except (OSError, ValueError) as e:
+            errors.append(f"{f}: {e}")
+    store.rebuild_manifest(out, list(table.names))
+    if errors:
+        raise ValueError(f"{len(errors)} of {len(files)} volume(s) could not be imported: " + "; ".join(errors))
+    log.info("imported %d released volumes into %s/%s", len(done), out, split)
+    return done
+
+
 def _kind(key: str) -> str:
     """A short family name of an unmapped key for the summary line (e.g. ``text_encoder.cls``)."""
     parts = key.split(".")
@@ -379,9 +513,9 @@ def run_convert_cli(args: argparse.Namespace) -> int:
     """``fvlm convert-official``."""
     convert_official(args.ckpt, args.out, text_model=args.text_model, tokenizer=args.tokenizer,
                      anatomy_table=args.anatomy_table, config=args.config, overrides=args.overrides,
-                     trust_pickle=args.trust_pickle)
+                     trust_pickle=args.trust_pickle, model_config=getattr(args, "model_config", ""))
     return 0
 
 
-__all__ = ["build_config", "config_differences", "convert_official", "infer_text_config", "load_official_state",
-           "map_official_keys"]
+__all__ = ["build_config", "config_differences", "convert_official", "import_released_volumes", "infer_text_config",
+           "infer_vision_fields", "load_official_state", "map_official_keys", "read_lavis_config"]

@@ -2,7 +2,9 @@
 
 For every volume of a split and every anatomy present in it: a crop centred on the anatomy's bounding
 box, of size ``max(data.eval_crop_size, bbox extent)`` rounded up to the patch size, kept inside the
-volume (padded where the volume is smaller); the mask keeps only that anatomy. The crop is encoded and
+volume (padded where the volume is smaller); the mask keeps only that anatomy. ``data.eval_window=
+"released"`` takes the released eval.py window instead (:func:`released_window`: one voxel short of the
+extent, inside the volume, padded at the end). The crop is encoded and
 pooled to the anatomy's embedding, which is compared with each prompt pair of that anatomy:
 ``p = softmax([sim(negative), sim(positive)] / temperature)[positive]``.
 
@@ -39,6 +41,9 @@ class CropSpec:
     anatomy: int
     start: tuple[int, int, int]  # may be negative / exceed the volume: the outside is padded
     size: tuple[int, int, int]
+    # voxels of the volume the window holds from ``start`` (the rest of ``size`` is padding); None = all of size.
+    # The released window ends inside the volume and is padded at its end (see :func:`released_window`)
+    extent: tuple[int, int, int] | None = None
 
 
 def centred_crop(bbox: tuple[int, int, int, int, int, int], shape: tuple[int, ...], min_size: tuple[int, ...],
@@ -64,6 +69,43 @@ def centred_crop(bbox: tuple[int, int, int, int, int, int], shape: tuple[int, ..
     return tuple(start), tuple(size)  # type: ignore[return-value]
 
 
+def released_window(bbox: tuple[int, int, int, int, int, int], shape: tuple[int, ...], min_size: tuple[int, ...],
+                    patch: tuple[int, ...]) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]]:
+    """The released eval.py window (``center_crop`` + ``DivisiblePadd(method="end")``) of ``bbox`` (z0, z1, y0, y1,
+    x0, x1; end-exclusive, as meta.json stores it).
+
+    Per axis, with ``lo``, ``hi`` the first and last (inclusive) voxel: n = max(min_size, hi - lo) (one less than
+    the extent: an anatomy longer than the window loses its last row, as released); centre c = (lo + hi) // 2;
+    start = max(0, c - n // 2), end = min(size, start + n), start moved back to fit (max(0, end - n)). The window
+    [start, end) holds only volume voxels; it is padded at its end to a multiple of the patch size.
+
+    Returns (start, padded size, extent = end - start).
+    """
+    start, size, extent = [], [], []
+    for ax in range(3):
+        lo, hi = bbox[2 * ax], bbox[2 * ax + 1] - 1
+        n = max(int(min_size[ax]), hi - lo)
+        c = (lo + hi) // 2
+        st = max(0, c - n // 2)
+        end = min(int(shape[ax]), st + n)
+        if end - st < n:
+            st = max(0, end - n)
+        start.append(int(st))
+        extent.append(int(end - st))
+        size.append(int(-(-(end - st) // patch[ax]) * patch[ax]))
+    return tuple(start), tuple(size), tuple(extent)  # type: ignore[return-value]
+
+
+def window_spec(volume: str, anatomy: int, bbox: tuple[int, int, int, int, int, int], shape: tuple[int, ...],
+                cfg: Config) -> CropSpec:
+    """The evaluation window of one box, as ``data.eval_window`` selects (centred, or released)."""
+    if cfg.data.eval_window == "released":
+        start, size, extent = released_window(bbox, shape, cfg.data.eval_crop_size, cfg.model.vision.patch_size)
+        return CropSpec(volume, anatomy, start, size, extent)
+    start, size = centred_crop(bbox, shape, cfg.data.eval_crop_size, cfg.model.vision.patch_size)
+    return CropSpec(volume, anatomy, start, size)
+
+
 def read_crop(vol: store.ProcessedVolume, spec: CropSpec, hu_window: tuple[float, float],
               anatomies: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Windowed image ``(1, D, H, W)`` float32 and mask ``(D, H, W)`` uint8 of the window of ``spec``.
@@ -72,7 +114,8 @@ def read_crop(vol: store.ProcessedVolume, spec: CropSpec, hu_window: tuple[float
     given; a whole-volume spec (``anatomy == -1``) gets a mask of ones. Outside the volume: window low, no anatomy.
     """
     src, dst = [], []
-    for st, s, n in zip(spec.start, spec.size, vol.image.shape):
+    extent = spec.extent or spec.size
+    for st, s, n in zip(spec.start, extent, vol.image.shape):
         a, b = max(st, 0), min(st + s, n)
         src.append(slice(a, b))
         dst.append(slice(a - st, b - st))
@@ -97,7 +140,7 @@ def shared_windows(specs: list[CropSpec]) -> list[list[CropSpec]]:
     """
     groups: dict[tuple, list[CropSpec]] = {}
     for s in specs:
-        groups.setdefault((s.volume, s.start, s.size), []).append(s)
+        groups.setdefault((s.volume, s.start, s.size, s.extent), []).append(s)
     return list(groups.values())
 
 
@@ -142,15 +185,9 @@ def volume_crop_specs(volume: str, meta: dict, cfg: Config, table: AnatomyTable,
         union = [min(b[0] for b in boxes.values()), max(b[1] for b in boxes.values()),
                  min(b[2] for b in boxes.values()), max(b[3] for b in boxes.values()),
                  min(b[4] for b in boxes.values()), max(b[5] for b in boxes.values())]
-        start, size = centred_crop(tuple(union), shape, cfg.data.eval_crop_size, cfg.model.vision.patch_size)
-        return [CropSpec(volume, -1, start, size)]
-    specs = []
-    for k, name in enumerate(table.names):
-        if name in boxes:
-            start, size = centred_crop(tuple(boxes[name]), shape, cfg.data.eval_crop_size,
-                                       cfg.model.vision.patch_size)
-            specs.append(CropSpec(volume, k, start, size))
-    return specs
+        return [window_spec(volume, -1, tuple(union), shape, cfg)]
+    return [window_spec(volume, k, tuple(boxes[name]), shape, cfg) for k, name in enumerate(table.names)
+            if name in boxes]
 
 
 def crop_specs(root: Path, split: str, cfg: Config, table: AnatomyTable, global_mode: bool) -> tuple[

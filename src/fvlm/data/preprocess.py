@@ -384,7 +384,10 @@ def prepare_arrays(image: SourceVolume | Any, label: SourceVolume | Any, data_cf
         raise ValueError("every anatomy vanished when resampling to spacing "
                          f"{tuple(data_cfg.spacing)} mm (anatomies smaller than a target voxel)")
     t_lo = [max(0, box_r[2 * a] - int(data_cfg.margin[a])) for a in range(3)]
-    t_hi = [min(img_r.shape[a], box_r[2 * a + 1] + int(data_cfg.margin[a])) for a in range(3)]
+    # after the box: data.margin_after when set (the released slice [min - 5, max + 5) with max inclusive keeps
+    # 4 / 19 voxels after the box: paper_released sets (4, 19, 19)), else data.margin
+    after = data_cfg.margin_after or data_cfg.margin
+    t_hi = [min(img_r.shape[a], box_r[2 * a + 1] + int(after[a])) for a in range(3)]
     tsl = tuple(slice(t_lo[a], t_hi[a]) for a in range(3))
     tgt = np.asarray(data_cfg.spacing, dtype=np.float64)
     origin = origin + m @ (np.asarray(t_lo[::-1], dtype=np.float64) * tgt)

@@ -94,6 +94,8 @@ def build_text_encoder(cfg: TextConfig) -> tuple[BertModel, PreTrainedTokenizerB
         unused = info.get("unexpected_keys", [])
         log.info("text encoder: BERT from %s (%d unused checkpoint tensors, e.g. heads: %s)",
                  path, len(unused), sorted(unused)[:3])
+    if not cfg.type_embeddings:
+        drop_type_embeddings(model)
     layers = model.encoder.layer
     if cfg.num_layers:
         if not 0 < cfg.num_layers <= len(layers):
@@ -114,6 +116,28 @@ def build_text_encoder(cfg: TextConfig) -> tuple[BertModel, PreTrainedTokenizerB
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text model only {model.config.vocab_size}")
     return model, tokenizer
+
+
+class NoTypeEmbedding(torch.nn.Module):
+    """Stands in for ``BertEmbeddings.token_type_embeddings``: adds nothing (zeros of the token width).
+
+    The released text encoder (LAVIS ``med.py``) adds a token-type embedding only when ``token_type_ids`` are
+    passed, and its ``forward_text`` passes none; HF ``BertModel`` always adds row 0 of the table (up to 0.31
+    in zero-shot probability on the parity fixture). ``model.text.type_embeddings=false`` selects this module.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.register_buffer("zero", torch.zeros(()), persistent=False)
+
+    def forward(self, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.zero.expand(*token_type_ids.shape, self.width)
+
+
+def drop_type_embeddings(model: BertModel) -> None:
+    """Make ``model`` add no token-type embedding (the released med.py BERT); its table leaves the state dict."""
+    model.embeddings.token_type_embeddings = NoTypeEmbedding(model.config.hidden_size)
 
 
 def frozen_text_modules(model: BertModel, freeze_layers: int) -> list[torch.nn.Module]:
