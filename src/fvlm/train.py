@@ -34,9 +34,22 @@ from fvlm.data.dataset import Collate, EpochSampler, TrainDataset
 log = logging.getLogger(__name__)
 
 
-def lr_at(step: int, cfg: Config, total_steps: int) -> float:
-    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine to ``min_lr``."""
+def lr_at(step: int, cfg: Config, total_steps: int, steps_per_epoch: int = 0) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine to ``min_lr``.
+
+    ``train.lr_schedule="epoch"`` (needs ``steps_per_epoch``) is the released LAVIS ``linear_warmup_cosine_lr``:
+    in epoch 0, ``min(lr, warmup_lr + (lr - warmup_lr) * i / warmup_steps)`` at its step i (so constant ``lr``
+    after the warm-up, to the end of epoch 0); from epoch e >= 1 on, ``min_lr + (lr - min_lr) (1 + cos(pi e /
+    epochs)) / 2``, the same for every step of the epoch.
+    """
     t = cfg.train
+    if t.lr_schedule == "epoch":
+        if steps_per_epoch <= 0:
+            raise ValueError("train.lr_schedule='epoch' needs the number of optimizer steps per epoch")
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch == 0:
+            return min(t.lr, t.warmup_lr + (t.lr - t.warmup_lr) * i / max(1, t.warmup_steps))
+        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * epoch / max(1, t.epochs)))
     if step < t.warmup_steps:
         return t.warmup_lr + (t.lr - t.warmup_lr) * step / max(1, t.warmup_steps)
     progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
@@ -214,7 +227,9 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     model.to(dev)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.text_lr_scale),
                                   lr=cfg.train.lr, betas=cfg.train.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.train.lr)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, cfg, total_steps, steps_per_epoch) / cfg.train.lr)
     step, micro = 0, 0  # optimizer steps done; micro-batches consumed overall
     if ckpt is not None:
         load_weights(model, ckpt / "model.safetensors")

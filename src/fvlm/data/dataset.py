@@ -59,6 +59,7 @@ class Sample:
     is_normal: np.ndarray  # bool (A,)
     texts: list[str]  # (A,)
     volume: str
+    text_ids: list[int] | None = None  # (A,) identical-text ids (AnatomyText.id); None = text_id of texts
 
 
 def random_crop_flip(image: np.ndarray, mask: np.ndarray, size: Sequence[int], flip_prob: float,
@@ -121,7 +122,7 @@ class TrainDataset(torch.utils.data.Dataset):
         else:
             self.reports = None
             self.texts = texts if texts is not None else AnatomyTexts.load(
-                Path(cfg.data.texts) if cfg.data.texts else self.root / "texts")
+                Path(cfg.data.texts) if cfg.data.texts else self.root / "texts", rule=cfg.data.text_rule)
             missing = [s for s, _ in self.scans if not self.texts.has_scan(s)]
             if missing:
                 log.warning("%d of %d scans of %s have no anatomy texts (their anatomies never enter the loss), "
@@ -151,12 +152,13 @@ class TrainDataset(torch.utils.data.Dataset):
         a = len(self.table)
         valid = intact_anatomies(mask, a)
         has_texts = self.texts.has_scan(scan)
-        texts, normal = [], []
+        texts, normal, ids = [], [], []
         for name in self.table.names:
             t = self.texts.get(scan, name)
             texts.append(t.text)
             normal.append(t.is_normal)
-        return Sample(image, mask, valid & has_texts, np.array(normal), texts, volume)
+            ids.append(t.id)
+        return Sample(image, mask, valid & has_texts, np.array(normal), texts, volume, ids)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -207,7 +209,8 @@ class Collate:
             "mask": torch.from_numpy(np.stack([s.mask for s in samples])),
             "valid": torch.from_numpy(np.stack([s.valid for s in samples])),
             "is_normal": torch.from_numpy(np.stack([s.is_normal for s in samples])),
-            "text_id": torch.tensor([[text_id(t) for t in s.texts] for s in samples], dtype=torch.int64),
+            "text_id": torch.tensor([s.text_ids if s.text_ids is not None else [text_id(t) for t in s.texts]
+                                     for s in samples], dtype=torch.int64),
             "text_index": tok["text_index"],
             "text_input_ids": tok["input_ids"],
             "text_attention_mask": tok["attention_mask"],
