@@ -106,11 +106,12 @@ def test_missing_tensor_and_shape_mismatch_are_errors(original, tmp_path):
     torch.save({"model": sd}, src)
     with pytest.raises(ValueError, match="--text-model"):
         convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", config="tiny")
-    # the paper preset's dimensions do not fit a tiny checkpoint: named tensors, hint at --config
+    # the vision sizes come from the tensors, but the paper preset's crop grid does not fit the tiny checkpoint's
+    # position embedding: named, hint at --config
     sd = released_layout(original, True, False, ())
     torch.save({"model": sd}, src)
-    with pytest.raises(ValueError, match=r"does not fit the paper_vitb config.*vision width 32 vs model.vision.width"
-                                         r"=768.*--config"):
+    with pytest.raises(ValueError, match=r"does not fit the paper_released config.*27 position embeddings vs the "
+                                         r"\d+ tokens of data.crop_size.*--config"):
         convert_official(src, tmp_path / "run", tokenizer="builtin:minilm")
     assert not (tmp_path / "run").exists()
 
@@ -156,3 +157,31 @@ def test_frozen_text_tensors_come_from_the_text_model(tmp_path):
     loaded, cfg2, _ = load_model(tmp_path / "run")
     for a, b in zip(features(loaded, cfg2), features(model, cfg), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_vision_sizes_come_from_the_tensors(original, tmp_path):
+    """The tiny checkpoint converts with a preset of other vision sizes: width, depth, MLP and patch are read from
+    the tensors (heads: the LAVIS YAML's vit_num_heads, else width / 64), the rest of the preset is kept."""
+    from fvlm.convert import infer_vision_fields, read_lavis_config
+
+    sd = released_layout(original, True, False, ())
+    assert infer_vision_fields(sd) == {"width": 32, "depth": 4, "mlp_dim": 64, "patch_size": [8, 16, 16], "heads": 1}
+    assert infer_vision_fields(sd, heads=2)["heads"] == 2
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        infer_vision_fields(sd, heads=3)
+    src = tmp_path / "tiny.pth"
+    torch.save({"model": sd}, src)
+    yaml_path = tmp_path / "model_config.yaml"
+    yaml_path.write_text("run:\n  amp: false\nmodel:\n  vit_num_heads: 2\n  vit_hidden_size: 32\n  max_txt_len: 64\n")
+    assert read_lavis_config(yaml_path) == {"vit_num_heads": 2, "vit_hidden_size": 32, "max_txt_len": 64, "amp": False}
+    wide = ["model.vision.width=128", "model.vision.depth=2", "model.vision.mlp_dim=256", "model.vision.heads=4"]
+    report = convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", config="tiny", overrides=wide,
+                              model_config=yaml_path)
+    assert "model.vision.heads=2" in report["derived_settings"]
+    model, cfg, _ = load_model(tmp_path / "run")
+    assert (cfg.model.vision.width, cfg.model.vision.depth, cfg.model.vision.heads) == (32, 4, 2)
+    for a, b in zip(features(model, cfg), features(original, cfg), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    yaml_path.write_text("model:\n  vit_hidden_size: 768\n")
+    with pytest.raises(ValueError, match="vit_hidden_size=768 but the checkpoint's tensors say 32"):
+        convert_official(src, tmp_path / "run2", tokenizer="builtin:minilm", config="tiny", model_config=yaml_path)

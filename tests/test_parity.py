@@ -6,7 +6,7 @@ features, crop windows, and a training batch with the released forward()'s loss,
 zero-shot probabilities, text and anatomy features within 1e-5, identical windows and token ids, the training
 loss (and per anatomy) within 1e-5 relative, the temperature and query gradients within 1e-4 relative.
 
-``FVLM_PARITY_SET="key=value;key=value"`` applies config overrides to the converted run (e.g.
+``FVLM_PARITY_SET="key=value;key=value"`` passes config overrides to the conversion (e.g.
 ``model.text.type_embeddings=true`` or ``data.eval_window=centred``): a deliberately wrong setting must make
 these tests fail. The sensitivity tests at the end check the same thing automatically for each released switch.
 """
@@ -40,24 +40,14 @@ ANATOMIES = ("lung", "heart", "esophagus", "aorta")
 OVERRIDES = [x for x in os.environ.get("FVLM_PARITY_SET", "").split(";") if x.strip()]
 
 
-def _set_run_config(run: Path, overrides: list[str]) -> None:
-    """Apply ``key=value`` overrides to a run's saved config (run and checkpoint copies)."""
-    from fvlm.config import apply_overrides, config_from_dict
-
-    for path in [run / "config.json", *run.glob("checkpoints/step_*/config.json")]:
-        d = apply_overrides(json.loads(path.read_text()), overrides)
-        config_from_dict(d).save(path)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The fixture checkpoint converted by ``fvlm convert-official``, and its volumes in our store."""
     tmp = tmp_path_factory.mktemp("parity")
     run, data = tmp / "run", tmp / "data"
+    sets = [a for o in ["eval.num_workers=0", *OVERRIDES] for a in ("--set", o)]  # no worker processes in a test
     assert main(["convert-official", str(FIX / "checkpoint.pth"), "--out", str(run),
-                 "--model-config", str(FIX / "model_config.yaml"), "--text-model", str(FIX / "tiny_bert")]) == 0
-    if OVERRIDES:
-        _set_run_config(run, OVERRIDES)
+                 "--model-config", str(FIX / "model_config.yaml"), "--text-model", str(FIX / "tiny_bert"), *sets]) == 0
     assert import_released_volumes(FIX / "volumes" / "images", FIX / "volumes" / "masks", data, "valid") == [
         "valid_1_a_1", "valid_2_a_1"]
     torch.manual_seed(0)
@@ -71,11 +61,22 @@ def windows():
 
 
 @pytest.fixture(scope="module")
-def anatomy_features(converted):
-    c = converted
-    volumes, feats = anatomy_embeddings(c["model"], c["cfg"], c["table"], c["data"], "valid", torch.device("cpu"),
-                                        num_workers=0)
-    return volumes, feats
+def evaluated(converted):
+    """``fvlm eval`` on the converted run; the anatomy features it computed are recorded on the way (one encode)."""
+    import fvlm.zeroshot as zs
+
+    seen = {}
+
+    def recording(*args, **kwargs):
+        seen["features"] = anatomy_embeddings(*args, **kwargs)
+        return seen["features"]
+
+    out = converted["tmp"] / "scores.csv"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(zs, "anatomy_embeddings", recording)
+        assert main(["eval", "--checkpoint", str(converted["run"]), "--data", str(converted["data"]),
+                     "--split", "valid", "--out", str(out), "--device", "cpu"]) == 0
+    return {"scores": out, "features": seen["features"]}
 
 
 # ----------------------------------------------------------------------------------------------- conversion
@@ -95,7 +96,7 @@ def test_conversion_reads_sizes_from_tensors_and_selects_released_switches(conve
         assert (cfg.data.eval_window, cfg.data.text_rule, cfg.model.text.type_embeddings, cfg.train.amp,
                 cfg.train.lr_schedule, list(cfg.data.margin_after)) == ("released", "released", False, "off", "epoch",
                                                                         [4, 19, 19])
-    assert float(converted["model"].temp) == pytest.approx(0.05)
+    assert float(converted["model"].temp.detach()) == pytest.approx(0.05)
 
 
 # --------------------------------------------------------------------------------------------------- text
@@ -142,9 +143,9 @@ def test_eval_windows_equal_the_released_ones(converted, windows):
 
 
 # --------------------------------------------------------------------------------------------- zero-shot
-def test_anatomy_features_equal_the_released_ones(converted, anatomy_features):
+def test_anatomy_features_equal_the_released_ones(converted, evaluated):
     ref = load_file(str(FIX / "zero_shot" / "image_features.safetensors"))
-    volumes, feats = anatomy_features
+    volumes, feats = evaluated["features"]
     table = converted["table"]
     for key, want in ref.items():
         volume, name = key.split("/")
@@ -154,11 +155,8 @@ def test_anatomy_features_equal_the_released_ones(converted, anatomy_features):
     assert len(ref) == 7
 
 
-def test_zero_shot_scores_equal_released_eval_csv(converted):
-    out = converted["tmp"] / "scores.csv"
-    assert main(["eval", "--checkpoint", str(converted["run"]), "--data", str(converted["data"]), "--split", "valid",
-                 "--out", str(out), "--device", "cpu"]) == 0
-    ours = pd.read_csv(out).set_index("VolumeName")
+def test_zero_shot_scores_equal_released_eval_csv(evaluated):
+    ours = pd.read_csv(evaluated["scores"]).set_index("VolumeName")
     ref = pd.read_csv(FIX / "zero_shot" / "probs.csv").set_index("file_name")
     labels = {c: c.split("_")[1] for c in ref.columns}  # anatomy_label_negative_positive
     ref = ref.rename(columns=labels)
@@ -280,7 +278,7 @@ def test_training_loss_and_gradients_equal_released(converted, training_step):
     loss = json.loads((FIX / "train" / "loss.json").read_text())
     ref_q = load_file(str(FIX / "train" / "internals.safetensors"))["query_tokens_grad"]
     terms = training_step["terms"]
-    assert float(terms["loss"]) == pytest.approx(loss["loss"], rel=1e-5, abs=0)
+    assert float(terms["loss"].detach()) == pytest.approx(loss["loss"], rel=1e-5, abs=0)
     assert loss["loss"] == 3.646267890930176
     for name in ANATOMIES:
         want = loss["organ_wise_loss"].get(f"{name}_itc", 0.0)
@@ -340,6 +338,33 @@ def test_our_text_rule_would_break_parity():
     assert anatomy_text("heart", None, None).text != "heart shows no significant abnormalities."
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_presets_differ_exactly_in_the_documented_switches():
+    """paper_released and paper_vitb differ in the README table's rows and nothing else."""
+    released, ours = _flat(load_config("paper_released").to_dict()), _flat(load_config("paper_vitb").to_dict())
+    differ = {k: (released[k], ours[k]) for k in released if released[k] != ours[k]}
+    assert differ == {
+        "data.margin_after": ([4, 19, 19], []),
+        "data.eval_window": ("released", "centred"),
+        "data.text_rule": ("released", "fvlm"),
+        "model.text.type_embeddings": (False, True),
+        "train.lr_schedule": ("epoch", "step"),
+        "train.weight_decay": (0.01, 0.05),
+        "train.weight_decay_all": (True, False),
+        "train.amp": ("off", "auto"),
+    }
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## What is different from the released code"):]
+    for key in differ:
+        assert f"`{key}`" in section or key.split(".")[-1] in section, key
+
+
 def test_released_lr_schedule_is_stepped_per_epoch():
     from fvlm.train import lr_at
 
@@ -355,6 +380,23 @@ def test_released_lr_schedule_is_stepped_per_epoch():
     assert lr_at(5, step_cfg, 40, 10) < 1e-3  # ours: cosine per step right after the warm-up
     with pytest.raises(ValueError, match="steps per epoch"):
         lr_at(5, cfg, 40)
+
+
+def test_released_weight_decay_reaches_every_parameter():
+    """The released optimizer is AdamW(model.parameters()) with torch's default weight decay 0.01 on everything."""
+    from fvlm.model.fvlm import FVLM, param_groups
+
+    model = FVLM(load_config("tiny"), num_anatomies=4)
+    n = sum(1 for p in model.parameters() if p.requires_grad)
+    released = load_config("paper_released").train
+    groups = param_groups(model, released.weight_decay, decay_all=released.weight_decay_all)
+    assert released.weight_decay == 0.01 and sum(len(g["params"]) for g in groups) == n
+    assert all(g["weight_decay"] == 0.01 for g in groups)
+    ours = load_config("paper_vitb").train
+    groups = param_groups(model, ours.weight_decay, decay_all=ours.weight_decay_all)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert id(model.temp) in no_decay and id(model.query_tokens) in no_decay
+    assert id(model.vision_projs[0].weight) not in no_decay
 
 
 def test_released_margins_are_asymmetric():

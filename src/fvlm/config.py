@@ -111,6 +111,8 @@ class TrainConfig:
     warmup_lr: float = 1e-6
     warmup_steps: int = 377
     weight_decay: float = 0.05
+    # True = decay every parameter (norms, biases, temperature, queries too), as the released AdamW does
+    weight_decay_all: bool = False
     text_lr_scale: float = 1.0  # learning rate of the (pretrained) text encoder relative to train.lr
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 0.0  # max gradient norm; 0 = off

@@ -225,7 +225,8 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
                          f"{cfg.train.grad_accum} and {cfg.train.epochs} epochs")
 
     model.to(dev)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.text_lr_scale),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.text_lr_scale,
+                                               decay_all=cfg.train.weight_decay_all),
                                   lr=cfg.train.lr, betas=cfg.train.betas)
     steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

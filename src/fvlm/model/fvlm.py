@@ -144,8 +144,9 @@ _NO_DECAY_NAMES = ("temp", "query_tokens", "position_embeddings")
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 text_lr_scale: float = 1.0) -> list[dict[str, Any]]:
-    """AdamW parameter groups: weight decay on weight matrices/kernels only.
+                 text_lr_scale: float = 1.0, decay_all: bool = False) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on weight matrices/kernels only (``decay_all``: on every parameter,
+    as the released optimizer, ``AdamW(model.parameters())`` with its default 0.01, does).
 
     No decay on 1-d parameters (norms, biases), the temperature, the anatomy queries and position
     embeddings (the ViT's and BERT's). Frozen parameters are left out. Works on a DDP-wrapped model too.
@@ -158,7 +159,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         if not p.requires_grad:
             continue
         leaf = name.split(".")
-        no_decay = p.ndim <= 1 or any(part in _NO_DECAY_NAMES for part in leaf)
+        no_decay = not decay_all and (p.ndim <= 1 or any(part in _NO_DECAY_NAMES for part in leaf))
         is_text = "text_encoder" in leaf
         groups.setdefault((no_decay, is_text), []).append(p)
     out = []
