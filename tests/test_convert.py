@@ -106,13 +106,16 @@ def test_missing_tensor_and_shape_mismatch_are_errors(original, tmp_path):
     torch.save({"model": sd}, src)
     with pytest.raises(ValueError, match="--text-model"):
         convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", config="tiny")
-    # the vision sizes come from the tensors, but the paper preset's crop grid does not fit the tiny checkpoint's
-    # position embedding: named, hint at --config
+    # the vision sizes come from the tensors, but the paper preset's token levels (blocks 4, 7, 10) and crop grid do
+    # not fit the tiny checkpoint (4 blocks, 27 positions): named, hint at --config
     sd = released_layout(original, True, False, ())
     torch.save({"model": sd}, src)
+    with pytest.raises(ValueError, match=r"does not fit the paper_released config.*model.vision.depth=4.*levels=\(4, "
+                                         r"7, 10\) must lie in 1..depth=4.*--config"):
+        convert_official(src, tmp_path / "run", tokenizer="builtin:minilm")
     with pytest.raises(ValueError, match=r"does not fit the paper_released config.*27 position embeddings vs the "
                                          r"\d+ tokens of data.crop_size.*--config"):
-        convert_official(src, tmp_path / "run", tokenizer="builtin:minilm")
+        convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", overrides=["model.vision.levels=[1, 2, 3]"])
     assert not (tmp_path / "run").exists()
 
 
@@ -174,9 +177,13 @@ def test_vision_sizes_come_from_the_tensors(original, tmp_path):
     yaml_path = tmp_path / "model_config.yaml"
     yaml_path.write_text("run:\n  amp: false\nmodel:\n  vit_num_heads: 2\n  vit_hidden_size: 32\n  max_txt_len: 64\n")
     assert read_lavis_config(yaml_path) == {"vit_num_heads": 2, "vit_hidden_size": 32, "max_txt_len": 64, "amp": False}
-    wide = ["model.vision.width=128", "model.vision.depth=2", "model.vision.mlp_dim=256", "model.vision.heads=4"]
-    report = convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", config="tiny", overrides=wide,
-                              model_config=yaml_path)
+    from fvlm.config import preset_path
+
+    preset = json.loads(preset_path("tiny").read_text())
+    preset["model"]["vision"].update(width=128, depth=6, mlp_dim=256, heads=4)  # a preset of other vision sizes
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps(preset))
+    report = convert_official(src, tmp_path / "run", tokenizer="builtin:minilm", config=wide, model_config=yaml_path)
     assert "model.vision.heads=2" in report["derived_settings"]
     model, cfg, _ = load_model(tmp_path / "run")
     assert (cfg.model.vision.width, cfg.model.vision.depth, cfg.model.vision.heads) == (32, 4, 2)

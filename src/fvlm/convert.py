@@ -355,7 +355,11 @@ def convert_official(ckpt: str | Path, out: str | Path, text_model: str = "", to
         if k in lavis and vision.get(key) is not None and int(lavis[k]) != vision[key]:
             raise ValueError(f"{model_config}: {k}={lavis[k]} but the checkpoint's tensors say {vision[key]}")
     overrides = derived + list(overrides or [])
-    cfg = build_config(config, overrides, text_model, tokenizer, fields)
+    try:
+        cfg = build_config(config, overrides, text_model, tokenizer, fields)
+    except ValueError as e:
+        raise ValueError(f"{ckpt} does not fit the {config} config with the sizes its tensors have ({derived}): {e}; "
+                         f"choose the checkpoint's preset with --config/--set") from None
 
     n_anatomies = 1 if cfg.loss.mode == "global" else len(table)
     diffs = config_differences(raw, cfg, n_anatomies)
