@@ -302,7 +302,8 @@ def test_token_type_embedding_would_break_parity(converted):
     wrong = FVLM(cfg, num_anatomies=4).eval()
     state = dict(converted["model"].state_dict())
     sd = torch.load(FIX / "checkpoint.pth", weights_only=True)["model"]
-    state["text_encoder.embeddings.token_type_embeddings.weight"] = sd["text_encoder.embeddings.token_type_embeddings.weight"]
+    key = "text_encoder.embeddings.token_type_embeddings.weight"
+    state[key] = sd[key]
     wrong.load_state_dict(state, strict=True)
     feats = prompt_text_features(wrong, cfg, converted["table"], torch.device("cpu"))
     assert float((feats - ref).abs().max()) > 1e-2
@@ -376,6 +377,7 @@ def test_released_lr_schedule_is_stepped_per_epoch():
     for e in (1, 2, 3):  # one value per epoch: cos(pi e / epochs)
         want = 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + np.cos(np.pi * e / 4))
         assert lrs[10 * e: 10 * e + 10] == [pytest.approx(want)] * 10
+    assert lr_at(55, cfg, 60, steps_per_epoch=10) == pytest.approx(1e-6)  # past train.epochs: stays at min_lr
     step_cfg = load_config("paper_vitb", ["train.epochs=4", "train.warmup_steps=3", "train.lr=1e-3"])
     assert lr_at(5, step_cfg, 40, 10) < 1e-3  # ours: cosine per step right after the warm-up
     with pytest.raises(ValueError, match="steps per epoch"):

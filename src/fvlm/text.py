@@ -3,8 +3,8 @@
 Inputs are the authors' ``desc_info.json`` (findings sentences per scan and anatomy) and
 ``conc_info.json`` (impression sentences; an anatomy without one is *normal*). Two rules: ``fvlm``
 (:func:`anatomy_text`, whitespace-normalised, identity on normalised text) and ``released``
-(:func:`released_anatomy_text`, the released CaptionDataset strings exactly; ``data.text_rule``). Texts reach the loss only
-as integer ids (:func:`text_id`) and normal flags, never as strings.
+(:func:`released_anatomy_text`, the released CaptionDataset strings exactly; ``data.text_rule``). Texts reach
+the loss only as integer ids (:func:`text_id`) and normal flags, never as strings.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def lr_at(step: int, cfg: Config, total_steps: int, steps_per_epoch: int = 0) ->
         epoch, i = divmod(step, steps_per_epoch)
         if epoch == 0:
             return min(t.lr, t.warmup_lr + (t.lr - t.warmup_lr) * i / max(1, t.warmup_steps))
-        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * epoch / max(1, t.epochs)))
+        # past train.epochs (max_steps longer than the epochs) it stays at min_lr instead of rising again
+        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * min(1.0, epoch / max(1, t.epochs))))
     if step < t.warmup_steps:
         return t.warmup_lr + (t.lr - t.warmup_lr) * step / max(1, t.warmup_steps)
     progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)

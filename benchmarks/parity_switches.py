@@ -1,0 +1,102 @@
+"""What the released-code switches change at demo size (README "What is different from the released code").
+
+    python benchmarks/parity_switches.py --out /tmp/fvlm_parity_switches
+
+1. ``fvlm demo`` (demo preset: our choices) -> macro AUC;
+2. the same trained run evaluated with the released eval window (``data.eval_window=released``);
+3. a second run trained on the same processed data with the released training switches that need no new
+   preprocessing (``data.text_rule``, ``model.text.type_embeddings``, ``train.lr_schedule=epoch`` over 20
+   epochs, ``train.weight_decay=0.01`` on every parameter), evaluated with both windows.
+One seed per variant: compare the differences with the seed-to-seed spread of benchmarks/results/ablation.json.
+Writes ``benchmarks/results/parity_switches.json``. Resumable: finished runs in --out are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from machine import machine as describe_machine  # noqa: E402  (sibling module of the benchmarks)
+
+RELEASED_TRAINING = ["data.text_rule=released", "model.text.type_embeddings=false", "train.lr_schedule=epoch",
+                     "train.epochs=20", "train.max_steps=0", "train.weight_decay=0.01", "train.weight_decay_all=true"]
+
+
+def _macro(scores: Path, labels: Path) -> dict:
+    import pandas as pd
+
+    from fvlm.metrics import compute_metrics
+
+    m = compute_metrics(pd.read_csv(scores), pd.read_csv(labels))
+    return {"macro_auc": round(float(m["macro"]["auc"]), 4),
+            "auc": {k: round(float(v["auc"]), 4) for k, v in m["labels"].items()} if "labels" in m else {}}
+
+
+def _eval(run: Path, processed: Path, out: Path, window: str) -> dict:
+    """Evaluate a copy of ``run`` whose config selects ``window``."""
+    from fvlm.config import apply_overrides, config_from_dict
+    from fvlm.zeroshot import evaluate
+
+    copy = out / f"{run.name}_{window}"
+    if not copy.exists():
+        shutil.copytree(run, copy, symlinks=True)
+        for path in [copy / "config.json", *copy.glob("checkpoints/step_*/config.json")]:
+            config_from_dict(apply_overrides(json.loads(path.read_text()), [f"data.eval_window={window}"])).save(path)
+    scores = out / f"scores_{run.name}_{window}.csv"
+    t0 = time.perf_counter()
+    evaluate(copy, processed, "valid", scores)
+    seconds = round(time.perf_counter() - t0, 1)
+    return {**_macro(scores, processed / "labels" / "valid_labels.csv"), "eval_seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="/tmp/fvlm_parity_switches")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--results", default=str(Path(__file__).parent / "results" / "parity_switches.json"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fvlm.checkpoint import latest_checkpoint
+    from fvlm.config import load_config
+    from fvlm.demo import run_demo
+    from fvlm.train import train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    run_demo(out / "demo", workers=args.workers)
+    processed, ours = out / "demo" / "processed", out / "demo" / "run"
+    released = out / "released_training"
+    if latest_checkpoint(released) is None or not (released / "loss.png").exists():
+        if released.exists():
+            shutil.rmtree(released)
+        t1 = time.perf_counter()
+        train(load_config("demo", RELEASED_TRAINING), processed, released)
+        train_seconds = round(time.perf_counter() - t1, 1)
+    else:
+        train_seconds = None
+    result = {
+        "machine": describe_machine(),
+        "config": "demo",
+        "released_training_overrides": RELEASED_TRAINING,
+        "ours_trained": {w: _eval(ours, processed, out, w) for w in ("centred", "released")},
+        "released_trained": {w: _eval(released, processed, out, w) for w in ("centred", "released")},
+        "released_training_seconds": train_seconds,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "seeds": 1,
+    }
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+    table = {f"{t} / {w} window": v["macro_auc"] for t in ("ours_trained", "released_trained")
+             for w, v in result[t].items()}
+    print(json.dumps(table, indent=2))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
