@@ -192,3 +192,34 @@ def test_vision_sizes_come_from_the_tensors(original, tmp_path):
     yaml_path.write_text("model:\n  vit_hidden_size: 768\n")
     with pytest.raises(ValueError, match="vit_hidden_size=768 but the checkpoint's tensors say 32"):
         convert_official(src, tmp_path / "run2", tokenizer="builtin:minilm", config="tiny", model_config=yaml_path)
+
+
+def test_import_released_volumes_reports_every_bad_file(tmp_path):
+    """Released processed volumes (float [0, 1] + masks) enter the store as integer HU; bad files are named
+    together at the end and the good ones are still stored."""
+    import nibabel as nib
+    import numpy as np
+
+    from fvlm.convert import import_released_volumes
+    from fvlm.data import store
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1150, 351, size=(8, 10, 12)).astype(np.float64)
+    mask = np.zeros((8, 10, 12), np.float32)
+    mask[2:5, 3:7, 4:9] = 2
+    for name, image in (("valid_1_a_1", (hu + 1150) / 1500), ("valid_2_a_1", (hu + 1150.3) / 1500)):
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), images / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), masks / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(hu.astype(np.float32), np.eye(4)), images / "valid_3_a_1.nii.gz")  # no mask
+    with pytest.raises(ValueError, match=r"2 of 3 volume\(s\).*valid_2_a_1.nii.gz: values are not integer HU.*"
+                                         r"valid_3_a_1.nii.gz: mask .* not found"):
+        import_released_volumes(images, masks, tmp_path / "out", "valid")
+    assert store.list_volumes(tmp_path / "out", "valid") == ["valid_1_a_1"]
+    vol = store.open_volume(tmp_path / "out", "valid", "valid_1_a_1")
+    np.testing.assert_array_equal(np.asarray(vol.image[:]), hu.astype(np.int16))
+    meta = store.read_meta(tmp_path / "out", "valid", "valid_1_a_1")
+    assert meta["anatomies"]["heart"] == {"voxels": 60, "bbox": [2, 5, 3, 7, 4, 9]}
+    assert meta["anatomies"]["lung"]["voxels"] == 0
