@@ -1,6 +1,6 @@
 """What the released-code switches change at demo size (README "What is different from the released code").
 
-    python benchmarks/parity_switches.py --out /tmp/fvlm_parity_switches
+    python benchmarks/parity_switches.py --out /tmp/fvlm_parity_switches [--windows-only | --skip-released-training]
 
 1. ``fvlm demo`` (demo preset: our choices) -> macro AUC;
 2. the same trained run evaluated with the released eval window (``data.eval_window=released``);
@@ -54,11 +54,41 @@ def _eval(run: Path, processed: Path, out: Path, window: str) -> dict:
     return {**_macro(scores, processed / "labels" / "valid_labels.csv"), "eval_seconds": seconds}
 
 
+def window_statistics(processed: Path, config: str = "demo") -> dict:
+    """Released vs centred evaluation windows on a processed split (no model needed): how many differ, and how
+    many anatomy voxels the released window (one voxel short of the extent) leaves out."""
+    from fvlm.anatomy import load_anatomy_table
+    from fvlm.config import load_config
+    from fvlm.data import store
+    from fvlm.zeroshot import read_crop, volume_crop_specs
+
+    table = load_anatomy_table("released")
+    ours, released = load_config(config), load_config(config, ["data.eval_window=released"])
+    stats = {"volumes": 0, "windows": 0, "differ": 0, "anatomies_cut": 0, "voxels_lost": 0, "voxels": 0}
+    for volume in store.list_volumes(processed, "valid"):
+        meta, vol = store.read_meta(processed, "valid", volume), store.open_volume(processed, "valid", volume)
+        a = {s.anatomy: s for s in volume_crop_specs(volume, meta, ours, table, False)}
+        b = {s.anatomy: s for s in volume_crop_specs(volume, meta, released, table, False)}
+        stats["volumes"] += 1
+        for k, sa in a.items():
+            sb = b[k]
+            stats["windows"] += 1
+            stats["differ"] += sa.start != sb.start or sa.size != sb.size or (sb.extent or sb.size) != sb.size
+            _, mask = read_crop(vol, sb, released.data.hu_window)
+            kept, full = int((mask == k + 1).sum()), int(meta["anatomies"][table.names[k]]["voxels"])
+            stats["anatomies_cut"] += kept < full
+            stats["voxels_lost"] += full - kept
+            stats["voxels"] += full
+    return {"config": config, "eval_crop_size": list(ours.data.eval_crop_size), **stats}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="/tmp/fvlm_parity_switches")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--results", default=str(Path(__file__).parent / "results" / "parity_switches.json"))
+    p.add_argument("--windows-only", action="store_true",
+                   help="only the window statistics of the demo's processed validation split (no training)")
     p.add_argument("--skip-released-training", action="store_true",
                    help="only the demo run and its evaluation with both windows (step 3 left out)")
     args = p.parse_args(argv)
@@ -71,8 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    run_demo(out / "demo", workers=args.workers)
     processed, ours = out / "demo" / "processed", out / "demo" / "run"
+    if args.windows_only:
+        if not (processed / "manifest.csv").exists():
+            raise FileNotFoundError(f"{processed}: run once without --windows-only first (or fvlm demo --out "
+                                    f"{out / 'demo'}) to make the demo's processed data")
+        result = {"machine": describe_machine(), "windows": window_statistics(processed)}
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["windows"], indent=2))  # noqa: T201
+        return 0
+    run_demo(out / "demo", workers=args.workers)
     released = out / "released_training"
     train_seconds = None
     if args.skip_released_training:
@@ -85,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds = round(time.perf_counter() - t1, 1)
     result = {
         "machine": describe_machine(),
+        "windows": window_statistics(processed),
         "config": "demo",
         "released_training_overrides": RELEASED_TRAINING,
         "ours_trained": {w: _eval(ours, processed, out, w) for w in ("centred", "released")},
