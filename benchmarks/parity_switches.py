@@ -82,6 +82,38 @@ def window_statistics(processed: Path, config: str = "demo") -> dict:
     return {"config": config, "eval_crop_size": list(ours.data.eval_crop_size), **stats}
 
 
+def text_statistics(processed: Path, config: str = "demo") -> dict:
+    """Our text rule vs the released one on the processed training split's anatomy texts (no model needed):
+    strings and token ids that differ, scans without texts (left out by ours, all-normal in the release),
+    identical-text pairs that only one rule finds."""
+    import pandas as pd
+
+    from fvlm.anatomy import load_anatomy_table
+    from fvlm.config import load_config
+    from fvlm.model.text_encoder import load_tokenizer
+    from fvlm.text import AnatomyTexts
+
+    cfg = load_config(config)
+    table = load_anatomy_table("released")
+    tok = load_tokenizer(cfg.model.text.tokenizer or cfg.model.text.pretrained)
+    ours = AnatomyTexts.load(processed / "texts", rule="fvlm")
+    released = AnatomyTexts(ours.desc, ours.conc, rule="released")
+    manifest = pd.read_csv(processed / "manifest.csv", keep_default_na=False)
+    scans = sorted(set(manifest[(manifest["split"] == "train") & (manifest["status"] == "ok")]["scan"]))
+    stats = {"scans": len(scans), "scans_without_texts": sum(not ours.has_scan(s) for s in scans), "texts": 0,
+             "strings_differ": 0, "tokens_differ": 0, "identical_pairs_ours": 0, "identical_pairs_released": 0}
+    for name in table.names:
+        a = [ours.get(s, name) for s in scans if ours.has_scan(s)]
+        b = [released.get(s, name) for s in scans if ours.has_scan(s)]
+        stats["texts"] += len(a)
+        stats["strings_differ"] += sum(x.text != y.text for x, y in zip(a, b))
+        stats["tokens_differ"] += sum(tok(x.text)["input_ids"] != tok(y.text)["input_ids"] for x, y in zip(a, b))
+        for rule, items in (("ours", a), ("released", b)):
+            ids = pd.Series([t.id for t in items])
+            stats[f"identical_pairs_{rule}"] += int((ids.value_counts() * (ids.value_counts() - 1) // 2).sum())
+    return {"config": config, "tokenizer": cfg.model.text.tokenizer or cfg.model.text.pretrained, **stats}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="/tmp/fvlm_parity_switches")
@@ -106,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (processed / "manifest.csv").exists():
             raise FileNotFoundError(f"{processed}: run once without --windows-only first (or fvlm demo --out "
                                     f"{out / 'demo'}) to make the demo's processed data")
-        result = {"machine": describe_machine(), "windows": window_statistics(processed)}
+        result = {"machine": describe_machine(), "windows": window_statistics(processed),
+                  "texts": text_statistics(processed)}
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result["windows"], indent=2))  # noqa: T201
+        print(json.dumps({k: result[k] for k in ("windows", "texts")}, indent=2))  # noqa: T201
         return 0
     run_demo(out / "demo", workers=args.workers)
     released = out / "released_training"
@@ -125,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": describe_machine(),
         "windows": window_statistics(processed),
+        "texts": text_statistics(processed),
         "config": "demo",
         "released_training_overrides": RELEASED_TRAINING,
         "ours_trained": {w: _eval(ours, processed, out, w) for w in ("centred", "released")},
