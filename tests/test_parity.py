@@ -80,6 +80,17 @@ def evaluated(converted):
 
 
 # ----------------------------------------------------------------------------------------------- conversion
+def test_fixture_is_intact():
+    """Every fixture file has the size and sha256 of MANIFEST.json (a damaged or LFS-pointer copy fails here)."""
+    import hashlib
+
+    manifest = json.loads((FIX / "MANIFEST.json").read_text())
+    for name, entry in manifest.items():
+        data = (FIX / name).read_bytes()
+        assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"], name
+    assert len(manifest) >= 20
+
+
 def test_conversion_reads_sizes_from_tensors_and_selects_released_switches(converted):
     report = json.loads((converted["run"] / "conversion.json").read_text())
     assert report["mapped"] == report["model_tensors"] == 201 and report["filled_from_text_model"] == []
