@@ -107,20 +107,20 @@ def test_latest_checkpoint_skips_damaged_ones(tmp_path, caplog):
 
 
 def test_resume_falls_back_to_the_previous_complete_checkpoint(tiny_data, tmp_path, caplog):
-    cfg = load_config("tiny", ["train.max_steps=4", "train.ckpt_every=2"])
+    cfg = load_config("tiny", ["train.max_steps=2", "train.ckpt_every=1"])
     straight = train(cfg, tiny_data, tmp_path / "straight")
-    final = load_file(str(straight / "checkpoints" / "step_0000004" / WEIGHTS))
+    final = load_file(str(straight / "checkpoints" / "step_0000002" / WEIGHTS))
     run = tmp_path / "run"
     shutil.copytree(straight, run)
-    _truncate(run / "checkpoints" / "step_0000004" / STATE)  # killed while the disk filled up, say
+    _truncate(run / "checkpoints" / "step_0000002" / STATE)  # killed while the disk filled up, say
     with caplog.at_level(logging.INFO):
         train(cfg, tiny_data, run, resume=True)
-    assert "step_0000004/training_state.pt" in caplog.text and "trying the next older one" in caplog.text
-    assert "resumed from" in caplog.text and "step_0000002 at step 2" in caplog.text
-    again = load_file(str(run / "checkpoints" / "step_0000004" / WEIGHTS))
+    assert "step_0000002/training_state.pt" in caplog.text and "trying the next older one" in caplog.text
+    assert "resumed from" in caplog.text and "step_0000001 at step 1" in caplog.text
+    again = load_file(str(run / "checkpoints" / "step_0000002" / WEIGHTS))
     for k in final:  # the fallback continued exactly: same weights as the uninterrupted run
         assert torch.equal(final[k], again[k]), k
-    assert verify_folder(run / "checkpoints" / "step_0000004") == []
+    assert verify_folder(run / "checkpoints" / "step_0000002") == []
 
 
 def test_committed_format_1_folder_loads_and_reproduces_its_outputs():
