@@ -13,7 +13,7 @@ The folder is what a checkpoint holds (:mod:`fvlm.checkpoint`), in the layout ``
                              results from ``fvlm metrics --json``, preprocessing, intended use and limits
 
 ``fvlm.load(OUT)``, ``FVLM.from_pretrained(OUT)`` and every ``--checkpoint OUT`` load it offline; uploaded
-to the Hub (``huggingface-cli upload org/name OUT``) it loads as ``fvlm.load("org/name")`` from the cache.
+to the Hub (``hf upload org/name OUT``) it loads as ``fvlm.load("org/name")`` from the cache.
 The folder is written under a temporary name and renamed when complete.
 """
 

@@ -187,7 +187,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     # the newest checkpoint whose manifest checks out; damaged ones are skipped with a warning naming the files
     ckpt = latest_checkpoint(run, require=(STATE,)) if resume else None
     if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no intact checkpoint with {STATE} in {run}/checkpoints")
+        raise FileNotFoundError(f"--resume: no checkpoint (intact, with {STATE}) in {run}/checkpoints")
     if ckpt is not None:
         saved_cfg, table = load_run_config(ckpt)
         if saved_cfg.to_dict() != cfg.to_dict():
