@@ -86,8 +86,8 @@ def check_data_config(cfg: Config, table: AnatomyTable, data: Path) -> None:
     if problems:
         raise ValueError(f"{data} was preprocessed with a different configuration: " + "; ".join(problems)
                          + "; fvlm train without --config takes the data settings from the store; otherwise pass the "
-                         "--config it was preprocessed with (or --set data.KEY=VALUE), or preprocess again with "
-                         "fvlm preprocess --config PRESET --out NEW_DIR")
+                         "--config it was preprocessed with (or --set data.KEY=VALUE); a trained model needs data "
+                         "preprocessed its way: fvlm preprocess --config RUN/config.json --out NEW_DIR")
 
 
 class TrainLog:
