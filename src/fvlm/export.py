@@ -89,7 +89,8 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     policy = metrics.get("policy", {})
     if policy:
         lines.append("")
-        lines.append("Thresholds and policy: " + ", ".join(f"{k}: {v}" for k, v in policy.items()))
+        shown = {k: v for k, v in policy.items() if k != "files" and isinstance(v, (str, int, float, bool))}
+        lines.append("Protocol: " + "; ".join(f"{k}: {v}" for k, v in shown.items()))  # no local file paths
     return "\n".join(lines)
 
 
