@@ -146,8 +146,11 @@ def test_committed_format_1_folder_loads_and_reproduces_its_outputs():
 def test_text_model_loading_is_one_log_line(capfd, caplog):
     """transformers' LOAD REPORT table (the pooler weights MiniLM has and our encoder does not) and its
     'Loading weights' bar are replaced by one fvlm log line."""
+    from transformers.utils import logging as tlog
+
     from fvlm.model.text_encoder import build_text_encoder
 
+    verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     cfg = load_config("demo")
     with caplog.at_level(logging.INFO):
         build_text_encoder(cfg.model.text)
@@ -156,6 +159,4 @@ def test_text_model_loading_is_one_log_line(capfd, caplog):
     lines = [r.getMessage() for r in caplog.records if "unused checkpoint tensors" in r.getMessage()]
     assert len(lines) == 1 and "2 unused" in lines[0] and "pooler" in lines[0]
     # and transformers' own settings are restored afterwards
-    from transformers.utils import logging as tlog
-
-    assert tlog.is_progress_bar_enabled() and tlog.get_verbosity() == logging.WARNING
+    assert tlog.is_progress_bar_enabled() == bars and tlog.get_verbosity() == verbosity
