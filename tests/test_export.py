@@ -90,6 +90,8 @@ def test_moved_run_without_its_text_model_scores_the_same(moved, tiny_data, tmp_
     assert spec["spacing_xyz_mm"] == list(load_config("tiny").data.spacing)
     assert [a["name"] for a in spec["anatomies"]] == ["lung", "heart", "esophagus", "aorta"]
     assert_same(before, outputs(run, tiny_data, tmp_path / "after"))
+    # training resumes there too (the text encoder is rebuilt from the checkpoint, not the deleted copy)
+    train(load_config("tiny"), tiny_data, run, resume=True)
     # what made it work: without the text/ files the deleted text model would be needed (the old behaviour)
     old = tmp_path / "old-style"
     shutil.copytree(ckpt, old)
