@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also process the volumes listed in metadata/no_chest_{split}.txt (left out by default)")
 
     p = sub.add_parser("train", help="pre-train fVLM (single process or torchrun)")
-    _add_config_args(p, default="demo")
+    _add_config_args(p)
+    p._option_string_actions["--config"].help = (  # fvlm.config.config_for_store
+        "preset name (paper_vitb, demo, tiny) or JSON file (default: the data settings --data was preprocessed "
+        "with, the rest from the demo preset)")
     p.add_argument("--data", required=True, help="processed data directory (from fvlm preprocess)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, config.json)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -225,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", default="", help="directory with desc_info.json / conc_info.json (default: DATA/texts)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=0, help="crops per forward pass (0 = config)")
+
+    p = sub.add_parser("export", help="write a run, checkpoint or converted model as a Hugging Face model folder "
+                                      "(safetensors, config, tokenizer, preprocessing spec, model card)")
+    p.add_argument("run", help="run directory, checkpoint directory or convert-official output")
+    p.add_argument("out", help="model folder to write (load with fvlm.load(OUT); upload as a Hub model repo)")
+    p.add_argument("--metrics", default="", help="fvlm metrics --json output for the model card's zero-shot table "
+                                                 "(default: RUN/metrics.json if present)")
+    p.add_argument("--training-data", default="", help="one paragraph on the training data for the model card")
+    p.add_argument("--dataset", action="append", default=[], help="Hub data set id for the card's metadata, e.g. "
+                                                                   "ibrahimhamamci/CT-RATE (repeatable)")
+    p.add_argument("--license", default="apache-2.0", help="license id for the card's metadata")
+    p.add_argument("--name", default="", help="model name in the card (default: OUT's folder name)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return parser
 
 
@@ -246,10 +262,10 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fvlm.config import load_config
+    from fvlm.config import config_for_store
     from fvlm.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = config_for_store(args.data, args.config, args.overrides)
     train(cfg, data=args.data, out=args.out, resume=args.resume, device=args.device)
     return 0
 
@@ -310,6 +326,12 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
     return run_convert_cli(args)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fvlm.export import run_export_cli
+
+    return run_export_cli(args)
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     from fvlm.embed import embed
 
@@ -332,6 +354,7 @@ COMMANDS = {
     "predict": _cmd_predict,
     "convert-official": _cmd_convert_official,
     "embed": _cmd_embed,
+    "export": _cmd_export,
 }
 
 

@@ -82,14 +82,14 @@ def embed(checkpoint: str | Path, data: str | Path, split: str = "valid", out: s
     """
     from safetensors.numpy import save_file
 
-    from fvlm.checkpoint import load_model, resolve_checkpoint
+    from fvlm.checkpoint import load_model
     from fvlm.train import autocast_context, check_data_config, resolve_device
     from fvlm.zeroshot import anatomy_embeddings
 
     root = Path(data)
     dev = resolve_device(device)
-    ckpt = resolve_checkpoint(checkpoint)
-    model, cfg, table = load_model(ckpt, dev)
+    model, cfg, table = load_model(checkpoint, dev)
+    ckpt = model.source
     check_data_config(cfg, table, root)
     global_mode = cfg.loss.mode == "global"
     anatomies = [GLOBAL] if global_mode else list(table.names)

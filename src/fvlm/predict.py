@@ -662,14 +662,14 @@ def segment_scan(image: SourceVolume, scan: str | Path, info: dict[str, Any], ta
 
 # ----------------------------------------------------------------------------------------------- loading
 def load(checkpoint: str | Path, device: str = "cpu") -> Predictor:
-    """Load a run directory or checkpoint directory for prediction (``device``: cpu, cuda, cuda:1, auto)."""
-    from fvlm.checkpoint import load_model, resolve_checkpoint
+    """Load a model folder (run, checkpoint, ``fvlm export`` output) or a Hub id (``org/name``, from the local
+    cache) for prediction (``device``: cpu, cuda, cuda:1, auto)."""
+    from fvlm.checkpoint import load_model
     from fvlm.train import resolve_device
 
     dev = resolve_device(device)
-    ckpt = resolve_checkpoint(checkpoint)
-    model, cfg, table = load_model(ckpt, dev)
-    return Predictor(model, cfg, table, dev, str(ckpt))
+    model, cfg, table = load_model(checkpoint, dev)
+    return Predictor(model, cfg, table, dev, model.source)
 
 
 # ----------------------------------------------------------------------------------------------- the picture

@@ -27,7 +27,15 @@ from tqdm import tqdm
 
 from fvlm import distributed as dist
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
-from fvlm.checkpoint import STATE, clean_stale, latest_checkpoint, load_run_config, save_checkpoint
+from fvlm.checkpoint import (
+    STATE,
+    build_config,
+    clean_stale,
+    latest_checkpoint,
+    load_run_config,
+    load_training_state,
+    save_checkpoint,
+)
 from fvlm.config import Config
 from fvlm.data.dataset import Collate, EpochSampler, TrainDataset
 
@@ -90,7 +98,10 @@ def check_data_config(cfg: Config, table: AnatomyTable, data: Path) -> None:
         problems.append(f"anatomies: preprocessed {[a['name'] for a in saved_table['anatomies']]} vs "
                         f"config {list(table.names)}")
     if problems:
-        raise ValueError(f"{data} was preprocessed with a different configuration: " + "; ".join(problems))
+        raise ValueError(f"{data} was preprocessed with a different configuration: " + "; ".join(problems)
+                         + "; fvlm train without --config takes the data settings from the store; otherwise pass the "
+                         "--config it was preprocessed with (or --set data.KEY=VALUE); a trained model needs data "
+                         "preprocessed its way: fvlm preprocess --config RUN/config.json --out NEW_DIR")
 
 
 class TrainLog:
@@ -187,9 +198,10 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 
-    ckpt = latest_checkpoint(run) if resume else None
+    # the newest checkpoint whose manifest checks out; damaged ones are skipped with a warning naming the files
+    ckpt = latest_checkpoint(run, require=(STATE,)) if resume else None
     if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run}/checkpoints")
+        raise FileNotFoundError(f"--resume: no checkpoint (intact, with {STATE}) in {run}/checkpoints")
     if ckpt is not None:
         saved_cfg, table = load_run_config(ckpt)
         if saved_cfg.to_dict() != cfg.to_dict():
@@ -197,7 +209,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
         cfg = saved_cfg
     else:
         table = load_anatomy_table(cfg.data.anatomy_table)
-        if run.exists() and latest_checkpoint(run) is not None:
+        if run.exists() and latest_checkpoint(run, verify=False) is not None:
             raise FileExistsError(f"{run} already holds checkpoints: pass --resume or choose another --out")
     check_data_config(cfg, table, data)
     if dist.is_main():
@@ -210,7 +222,8 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     torch.manual_seed(cfg.train.seed + rank)
     dataset = TrainDataset(data, "train", cfg, table, seed=cfg.train.seed)
     names = list(dataset.anatomy_names)
-    model = FVLM(cfg, num_anatomies=len(names))
+    # on resume the text encoder is rebuilt from the checkpoint's own text/ files: the run may have moved
+    model = FVLM(build_config(cfg, ckpt) if ckpt is not None else cfg, num_anatomies=len(names))
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
@@ -235,7 +248,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     step, micro = 0, 0  # optimizer steps done; micro-batches consumed overall
     if ckpt is not None:
         load_weights(model, ckpt / "model.safetensors")
-        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+        state = load_training_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, micro = int(state["step"]), int(state["micro"])

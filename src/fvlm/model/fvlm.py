@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,13 +30,21 @@ from fvlm.model.vit3d import ViT3D, load_mae_weights
 log = logging.getLogger(__name__)
 
 
-class FVLM(nn.Module):
+class FVLM(nn.Module, PyTorchModelHubMixin, library_name="fvlm", license="apache-2.0",
+           repo_url="https://github.com/alibaba-damo-academy/fvlm",
+           tags=["fvlm", "medical-imaging", "computed-tomography", "vision-language", "zero-shot"]):
     """Anatomy-level CT-report model.
 
     Args:
         cfg: full configuration (``model.*`` sizes; ``data.crop_size`` fixes the position-embedding grid).
         num_anatomies: A, the anatomies of the anatomy table (1 for the global baseline).
+
+    ``FVLM.from_pretrained(folder_or_hub_id)`` loads an exported model folder (``fvlm export``), a run or
+    checkpoint directory, or a Hub id from the local cache (:mod:`fvlm.hub`); ``save_pretrained(folder)``
+    writes the same self-contained folder as a checkpoint (needs ``anatomy_table``, which loading sets).
     """
+
+    anatomy_table: Any = None  # the AnatomyTable of a loaded model (fvlm.checkpoint.load_model sets it)
 
     def __init__(self, cfg: Config, num_anatomies: int):
         super().__init__()
@@ -68,6 +77,26 @@ class FVLM(nn.Module):
         self.text_pooling = m.text.pooling
         self.text_cache = (FrozenPrefixCache(self.text_encoder, m.text.freeze_layers, m.text.cache_frozen)
                            if m.text.cache_frozen else None)
+
+    # ------------------------------------------------------------------ Hugging Face (huggingface_hub mixin)
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from fvlm.export import save_pretrained_folder
+
+        save_pretrained_folder(self, Path(save_directory))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: Any = None,
+                         force_download: bool = False, local_files_only: bool = False, token: Any = None,
+                         map_location: str = "cpu", **model_kwargs: Any) -> FVLM:
+        from fvlm.checkpoint import load_model
+        from fvlm.hub import is_hub_id, offline, snapshot
+
+        source: str | Path = model_id
+        if is_hub_id(model_id):
+            source = snapshot(model_id, revision=revision, cache_dir=cache_dir,
+                              local_files_only=local_files_only or offline(), token=token)
+        model, _, _ = load_model(source, device=map_location)
+        return model
 
     def train(self, mode: bool = True) -> FVLM:
         """Frozen text layers stay in eval mode (no dropout): they are fixed feature extractors."""

@@ -81,12 +81,15 @@ def build_text_encoder(cfg: TextConfig) -> tuple[BertModel, PreTrainedTokenizerB
         fields: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
         fields.update(cfg.random_init)
         model = BertModel(BertConfig(**fields), add_pooling_layer=False)
-        log.info("text encoder: random BERT %s", cfg.random_init)
+        log.info("text encoder: BERT from its config (random until weights are loaded): %s", cfg.random_init)
     else:
         path = resolve_text_path(cfg.pretrained)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
-        model, info = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True,
-                                                output_loading_info=True)
+        from fvlm.hub import quiet_transformers
+
+        with quiet_transformers():  # its load-report table and progress bar: summarised in one line below
+            model, info = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True,
+                                                    output_loading_info=True)
         missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
         if missing:
             raise ValueError(f"text model {path}: {len(missing)} encoder weight(s) missing from the checkpoint "

@@ -73,6 +73,9 @@ class ViT3D(ViT):
             # gradient, which DDP (find_unused_parameters=False) treats as an error. Not in the released model.
             if not blk.with_cross_attention:
                 blk.norm_cross_attn = nn.Identity()
+                # MONAI 1.4 also builds the cross-attention itself: without this its parameters would be in
+                # the state dict, and checkpoints would not load across MONAI versions (tests/test_checkpoint.py)
+                blk.cross_attn = nn.Identity()
         self.patch_size: tuple[int, int, int] = tuple(cfg.patch_size)  # type: ignore[assignment]
         self.grid_size: tuple[int, int, int] = tuple(s // p for s, p in zip(crop_size, cfg.patch_size))  # type: ignore
         self.width = cfg.width
