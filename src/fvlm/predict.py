@@ -56,7 +56,6 @@ from fvlm.anatomy import AnatomyTable
 from fvlm.config import Config
 from fvlm.data.preprocess import (
     SourceVolume,
-    check_same_grid,
     from_sitk,
     lps_reorientation,
     prepare_arrays,
@@ -418,12 +417,20 @@ class Predictor:
             label = segment_scan(image, scan, info, self.table, totalseg_cmd, totalseg_fast, totalseg_device, save_mask)
             timing["segment"] = time.perf_counter() - t0
             segmentation = {"method": "TotalSegmentator", "label_map": str(save_mask) if save_mask else None}
+        from fvlm.data.labelmap import align_label
+
+        label = align_label(image, label, label_name=f"label map {mask or '(TotalSegmentator output)'}",
+                            image_name=f"scan {scan}")
         try:
-            check_same_grid(image, label)
+            label = SourceVolume(_label_uint8(label.array), label.geometry)
         except ValueError as e:
-            raise ValueError(f"label map {mask or '(TotalSegmentator output)'} does not lie on the grid of scan "
-                             f"{scan}: {e}") from None
-        return self._predict(image, label, {**info, "segmentation": segmentation}, timing)
+            raise ValueError(f"label map {mask or '(TotalSegmentator output)'}: {e}") from None
+        try:
+            return self._predict(image, label, {**info, "segmentation": segmentation}, timing)
+        except ValueError as e:  # a problem of these inputs: name the files
+            if str(scan) in str(e):
+                raise
+            raise ValueError(f"scan {scan}" + (f" with label map {mask}" if mask else "") + f": {e}") from None
 
     def predict_arrays(self, hu: np.ndarray, label_map: np.ndarray, spacing: tuple[float, float, float],
                        origin: tuple[float, float, float] = (0.0, 0.0, 0.0),

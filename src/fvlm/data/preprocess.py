@@ -322,7 +322,9 @@ def prepare_arrays(image: SourceVolume | Any, label: SourceVolume | Any, data_cf
     if not isinstance(label, SourceVolume):
         label = from_sitk(label)
     check_finite(image.array)
-    check_same_grid(image, label)
+    from fvlm.data.labelmap import align_label
+
+    label = align_label(image, label)  # same grid in another axis order/direction: reordered; else refused
     lab = label.array
     if lab.dtype.kind == "f":
         check_finite(lab, "label map")
@@ -501,6 +503,10 @@ def process_volume(job: VolumeJob, out: str | Path, data_cfg: DataConfig, table:
                 slope, intercept = md.slope, md.intercept
                 image = SourceVolume(image.array, geometry)  # voxel array as stored, geometry from metadata
         version = decision.version
+        # label map on the scan's grid (reordered when only the axis order/direction differs); names both files
+        from fvlm.data.labelmap import align_label
+
+        label = align_label(image, label, label_name=f"label map {job.label}", image_name=f"scan {job.image}")
         img, msk, info = prepare_arrays(image, label, data_cfg, table, slope=slope, intercept=intercept)
         seconds = time.perf_counter() - t0
         info["source"].update({"image": str(job.image), "label": str(job.label), "version": decision.version,
