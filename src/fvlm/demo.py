@@ -73,6 +73,7 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
 
     out = Path(out)
     overrides = list(overrides or [])
+    load_config(config, overrides)  # a bad --set or config file fails now, before anything is written
     n_train = n_train or DEMO_TRAIN_PATIENTS
     n_valid = n_valid or DEMO_VALID_PATIENTS
     data, processed, run = out / "data", out / "processed", out / "run"
