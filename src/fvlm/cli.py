@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-model", default=os.environ.get("FVLM_LLM_MODEL", ""), help="model name (env FVLM_LLM_MODEL)")
     p.add_argument("--llm-cache", default="", help="cache directory for LLM answers (default: OUT/.llm_cache)")
     p.add_argument("--llm-workers", type=int, default=4, help="concurrent LLM requests")
+    p.add_argument("--llm-timeout", type=float, default=None, help="seconds per LLM request attempt (default 60)")
+    p.add_argument("--llm-retries", dest="llm_max_retries", type=int, default=None,
+                   help="retries after a timeout, connection error, HTTP 429 or 5xx (default 2)")
+    p.add_argument("--llm-invalid-retries", type=int, default=None,
+                   help="further requests after an invalid (garbage or partial JSON) answer (default 1)")
+    p.add_argument("--llm-accept-fallback", action="store_true",
+                   help="exit 0 even when the LLM was never used (every report fell back to the rules backend)")
     p.add_argument("--lexicon", default="", help="rules backend lexicon JSON (default: the shipped chest-CT lexicon)")
     p.add_argument("--evaluate", metavar="GOLD_DIR", help="compare OUT (or --pred) with reference JSON files")
     p.add_argument("--pred", help="with --evaluate: directory of predicted JSON files (default: --out)")
