@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="process only the first N volumes (0 = all)")
     p.add_argument("--include-no-chest", action="store_true",
                    help="also process the volumes listed in metadata/no_chest_{split}.txt (left out by default)")
+    p.add_argument("--verify", action="store_true",
+                   help="check the content hashes of existing volumes (written at creation) before skipping them: "
+                        "damaged ones are redone (reads every stored file)")
 
     p = sub.add_parser("train", help="pre-train fVLM (single process or torchrun)")
     _add_config_args(p, default="demo")
@@ -138,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anatomy-table", default="released",
                    help="anatomy table whose anatomies the anatomy-text check looks for")
     p.add_argument("--workers", type=int, default=4, help="threads reading headers")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any problem is found (default: report only)")
 
     p = sub.add_parser("segment", help="TotalSegmentator v2 (task total, roi_subset of the anatomy table) label maps "
                                        "into dataset/{split}_mask/, resumable")
