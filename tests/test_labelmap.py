@@ -172,3 +172,42 @@ def test_predict_accepts_flipped_mask_and_refuses_shifted(real_data, tmp_path):
     shifted = rewrite(lab, tmp_path / "s.nii.gz", shift_vox=(0.0, 1.0, 0.0))
     with pytest.raises(ValueError, match=r"s\.nii\.gz does not lie on the grid of scan .*ct\.nii\.gz.*origin mismatch"):
         predictor.predict(ct, mask=shifted)
+
+
+def test_dicom_series_with_the_nifti_label_map(real_data, tmp_path):
+    """The issue's case: a DICOM series read by SimpleITK (LPS, rows flipped against the NIfTI's RAS storage) with
+    the TotalSegmentator map of the NIfTI export: the same grid, so predict accepts it and scores it alike."""
+    import SimpleITK as sitk
+    import torch
+
+    import fvlm
+    from fvlm.anatomy import load_anatomy_table
+    from fvlm.checkpoint import save_checkpoint
+    from fvlm.config import load_config
+    from fvlm.data.preprocess import reorient_lps
+    from fvlm.model.fvlm import FVLM
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run", 1, FVLM(cfg, num_anatomies=4), cfg, load_anatomy_table("released"))
+    predictor = fvlm.load(tmp_path / "run")
+    ct, lab = real_data / "real_ct" / "ct.nii.gz", real_data / "real_ct" / "totalseg_v2.nii.gz"
+    v = reorient_lps(read_nifti(ct))
+    img = sitk.GetImageFromArray(np.ascontiguousarray(v.array).astype(np.int16))
+    img.SetSpacing(v.geometry.spacing)
+    img.SetOrigin(v.geometry.origin)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i in range(img.GetDepth()):
+        s = img[:, :, i]
+        for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.5.1"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(i + 1)),
+                           ("0020|0032", "\\".join(f"{x:.6f}" for x in img.TransformIndexToPhysicalPoint((0, 0, i))))):
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{i:04d}.dcm"))
+        writer.Execute(s)
+    ref = predictor.predict(ct, mask=lab)
+    got = predictor.predict(folder, mask=lab)
+    assert got.probabilities == pytest.approx(ref.probabilities, abs=1e-5)

@@ -65,7 +65,7 @@ def test_demo_resumes_training_after_a_kill(tmp_path, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         main(args)
     capsys.readouterr()
-    assert is_done(out / "data", "synth") and is_done(out / "processed", "preprocess")
+    assert is_done(out / "data", "synth") and is_done(out / "processed", "demo-preprocess")
     assert not is_done(out / "run", "train")
     step2 = out / "run" / "checkpoints" / "step_0000002" / "model.safetensors"
     inode = step2.stat().st_ino
@@ -81,3 +81,21 @@ def test_demo_resumes_training_after_a_kill(tmp_path, monkeypatch, capsys):
     assert main(args) == 0
     text = capsys.readouterr().err
     assert "reusing the trained run" in text and "resumed from" not in text
+
+
+def test_preprocess_writes_its_marker_last_and_only_when_complete(real_data, tmp_path):
+    from fvlm.cli import main
+
+    ct, lab = real_data / "real_ct" / "ct.nii.gz", real_data / "real_ct" / "totalseg_v2.nii.gz"
+    cfg = ["--config", "tiny", "--set", "data.spacing=[3.0,3.0,3.0]", "--set", "data.crop_size=[16,32,32]"]
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"volume,image,label\na,{ct},{lab}\nb,{tmp_path / 'missing.nii.gz'},{lab}\n")
+    out = tmp_path / "out"
+    assert main(["preprocess", "--pairs", str(pairs), "--out", str(out), *cfg]) == 1
+    assert not is_done(out, "preprocess-pairs")  # a volume failed: the run is not done
+    pairs.write_text(f"volume,image,label\na,{ct},{lab}\n")
+    assert main(["preprocess", "--pairs", str(pairs), "--out", str(out), *cfg]) == 0
+    rec = read_marker(out, "preprocess-pairs")
+    assert rec is not None and rec["volumes"] == 1 and rec["skipped"] == 1 and rec["config_hash"]
+    newest = max(p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "preprocess-pairs.done.json")
+    assert marker_path(out, "preprocess-pairs").stat().st_mtime_ns >= newest  # written last

@@ -121,13 +121,13 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
     data_overrides = [o for o in overrides if o.startswith("data.") and not o.startswith("data.texts")]
     with _stage("preprocess", timings):
         pre_settings = settings(data, "synth", config=config, overrides=data_overrides)
-        if is_done(processed, "preprocess", config=pre_settings):
+        if is_done(processed, "demo-preprocess", config=pre_settings):
             log.info("reusing %s", processed)
         else:
-            clear_marker(processed, "preprocess")
+            clear_marker(processed, "demo-preprocess")
             for split in ("train", "valid"):  # resumes per volume: complete volumes are skipped
                 _preprocess(data, processed, config, data_overrides, split, workers)
-            write_marker(processed, "preprocess", config=pre_settings)
+            write_marker(processed, "demo-preprocess", config=pre_settings)
 
     cfg = load_config(config, overrides)
     with _stage("train", timings):

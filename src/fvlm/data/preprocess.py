@@ -798,6 +798,19 @@ def run_preprocess_cli(args: argparse.Namespace) -> int:
     if args.data:
         copied = copy_side_files(args.data, out, splits)
         log.info("copied %s", ", ".join(copied) if copied else "no side files (texts, labels, reports absent)")
+    # completion marker (fvlm.markers): cleared first, written last, only when every volume of this run is done
+    from fvlm.markers import clear_marker, write_marker
+
+    stage = "preprocess-" + ("-".join(splits) if args.data else "pairs") + (f"-shard{shard[0]}of{shard[1]}"
+                                                                            if shard[1] > 1 else "")
+    settings = {"data": json.loads(json.dumps(asdict(cfg.data))), "anatomy_table": table.to_dict(),
+                "source": str(Path(args.data or args.pairs).resolve()), "limit": args.limit,
+                "version": args.version, "reconstructions": str(args.reconstructions),
+                "include_no_chest": bool(args.include_no_chest)}
+    clear_marker(out, stage)
     summary = run_preprocess(jobs, out, cfg.data, table, workers=args.workers, shard=shard, limit=args.limit,
                              verify=getattr(args, "verify", False))
+    if not summary.failed:
+        write_marker(out, stage, config=settings, volumes=len(summary.results), processed=summary.ok,
+                     skipped=summary.skipped)
     return 1 if summary.failed else 0
