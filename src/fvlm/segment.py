@@ -217,6 +217,8 @@ def load_fixed(job: SegmentJob) -> tuple[Any, str]:
 
     if job.version in ("auto", "v1") and job.metadata is None:
         raise ValueError("missing from the metadata CSV: cannot fix or check its version")
+    if job.metadata is not None and job.metadata.conflict:
+        raise ValueError(f"{job.volume} is {job.metadata.conflict}")
     vol = read_nifti(job.image)
     check_finite(vol.array)
     if job.version == "hu":
