@@ -10,6 +10,7 @@ the problem named, the good items done.
 
     python benchmarks/bad_inputs.py                                   # -> benchmarks/results/bad_inputs.json
     python benchmarks/bad_inputs.py --baseline-src /work/main/src     # also the "before" column
+    python benchmarks/bad_inputs.py --table                           # the README table of the JSON
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,12 +51,53 @@ def run_matrix(work: Path) -> list[dict]:
     return rows
 
 
+def _why_not(r: dict) -> str:
+    """Which of the conditions a result fails (for the baseline column)."""
+    if r.get("ok"):
+        return "handled"
+    out = []
+    if r.get("exit_code") == "traceback":
+        out.append("traceback")
+    elif r.get("exit_code") == 0:
+        out.append("exit 0")
+    elif "unrecognized arguments" in (r.get("message") or ""):
+        out.append("option missing")
+    if not r.get("names_file") and "option missing" not in out:
+        out.append("file not named")
+    if not r.get("names_problem") and "option missing" not in out and "traceback" not in out:
+        out.append("problem not stated")
+    if r.get("partial_files"):
+        out.append(f"{len(r['partial_files'])} partial files")
+    if r.get("good_items_done") is False:
+        out.append("good items not done")
+    return ", ".join(out)
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: fault, command, exit code, partial files, the baseline's outcome, the message."""
+    rows = ["| fault | command | exit | partial files | landed main | message now (excerpt) |",
+            "|---|---|---|---|---|---|"]
+    for r in result["cases"]:
+        m = r["message"].split(" | ")[0]
+        m = re.sub(r"^\d\d:\d\d:\d\d ERROR [\w.]+: ", "", m)
+        m = re.sub(r"/tmp/fvlm_bad_inputs_\w+/", "…/", m).replace(str(REPO) + "/", "")
+        m = (m[:137] + "...") if len(m) > 140 else m
+        before = _why_not(r["before"]) if "before" in r else ""
+        rows.append(f"| {r['fault']} | `{r['command']}` | {r['exit_code']} | {len(r['partial_files'])} | {before} | "
+                    f"{m.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results" / "bad_inputs.json"))
     ap.add_argument("--baseline-src", default="", help="also run the matrix against this source tree (PYTHONPATH)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # write the rows of this process to a JSON file
+    ap.add_argument("--table", action="store_true", help="print the README table of the --out JSON and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text(encoding="utf-8"))))  # noqa: T201
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.child:
