@@ -81,6 +81,10 @@ def test_demo_resumes_training_after_a_kill(tmp_path, monkeypatch, capsys):
     assert main(args) == 0
     text = capsys.readouterr().err
     assert "reusing the trained run" in text and "resumed from" not in text
+    # other data settings into the same --out: refused before anything is touched (no silent mix of data sets)
+    other = [a if a != "4" else "5" for a in args]
+    assert main(other) == 2
+    assert "synthesised with other settings" in capsys.readouterr().err
 
 
 def test_preprocess_writes_its_marker_last_and_only_when_complete(real_data, tmp_path):
