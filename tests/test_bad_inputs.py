@@ -453,6 +453,12 @@ def c_scores_names(tmp, res):
     return Expect(argv, [str(labels)], r"no label row for 8 scored volume", forbidden=[out], out=tmp)
 
 
+def c_scores_zero_byte(tmp, res):
+    argv, labels, out = metrics_case(tmp)
+    Path(argv[1]).write_bytes(b"")
+    return Expect(argv, [argv[1]], r"not a readable CSV", forbidden=[out], out=tmp)
+
+
 def c_dicom_two_series(tmp, res):
     folder = tmp / "dicom"
     dicom_of_real_ct(folder / "a", "1.2.826.0.1.3680043.2.1125.9.101")
@@ -563,6 +569,7 @@ CASES: dict[str, tuple[str, str, Callable[[Path, Resources], Expect]]] = {
     "label_csv_value_yes": ("label CSV value 'yes'", "metrics", c_label_yes),
     "label_csv_value_empty": ("label CSV empty cell", "metrics", c_label_empty),
     "scores_names_mismatch": ("scores CSV whose volume names do not match the labels", "metrics", c_scores_names),
+    "scores_csv_zero_byte": ("zero-byte scores CSV", "metrics", c_scores_zero_byte),
     "dicom_two_series": ("DICOM folder with two series of equal length", "predict", c_dicom_two_series),
     "dicom_missing_slice": ("DICOM series with a missing slice", "predict", c_dicom_missing_slice),
     "predict_nan_scan": ("NaN voxels in the scan", "predict", c_predict_nan_scan),
@@ -681,3 +688,17 @@ def test_dicom_gap_rule_units():
     with pytest.raises(ValueError, match="same position"):
         check_slice_positions(np.concatenate([pos, pos[:1]]), normal, "dup")
 
+
+
+def test_global_baseline_reports_keep_non_empty_duplicate(tmp_path):
+    """Training's whole-report texts: an empty duplicate row never replaces a report; a bad CSV names the file."""
+    from fvlm.data.dataset import _report_texts
+
+    (tmp_path / "reports").mkdir()
+    p = tmp_path / "reports" / "train_reports.csv"
+    p.write_text("VolumeName,Findings_EN,Impressions_EN\ntrain_1_a_1.nii.gz,Emphysema.,Emphysema.\n"
+                 "train_1_a_2.nii.gz,,Not given.\n")
+    assert _report_texts(tmp_path, "train") == {"train_1_a": "Emphysema. Emphysema."}
+    p.write_bytes(b"")
+    with pytest.raises(ValueError, match="train_reports.csv: not a readable CSV"):
+        _report_texts(tmp_path, "train")

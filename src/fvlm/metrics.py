@@ -582,7 +582,11 @@ def _read_csv(path: str | Path, what: str) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} CSV not found: {path}")
-    return pd.read_csv(path)
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} CSV {path}: not a readable CSV ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
 
 
 def run_metrics_cli(args: argparse.Namespace) -> int:
