@@ -344,7 +344,8 @@ def test_llm_backend_valid_invalid_retry_and_cache(tmp_path, table, no_proxy, mo
     monkeypatch.setenv("FVLM_LLM_API_KEY", "secret-token")
     df = _reports(_LLM_REPORTS)
     rules_desc, rules_conc, _ = decompose_reports(df, table, progress=False)
-    cfg = dict(model="fake-model", cache_dir=tmp_path / "cache", backoff=0.01, workers=1, timeout=10)
+    cfg = dict(model="fake-model", cache_dir=tmp_path / "cache", backoff=0.01, workers=1, timeout=10,
+               invalid_retries=0)
     # report 1: valid; report 2: invalid answer (unknown anatomy) -> rules; report 3: HTTP 500, then fenced JSON
     with _FakeLLM(["valid", "invalid", "500", "fenced"]) as fake:
         desc, conc, summary = decompose_reports(df, table, "llm", llm=LLMConfig(url=fake.url, **cfg), progress=False)

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="process only the first N volumes (0 = all)")
     p.add_argument("--include-no-chest", action="store_true",
                    help="also process the volumes listed in metadata/no_chest_{split}.txt (left out by default)")
+    p.add_argument("--verify", action="store_true",
+                   help="check the content hashes of existing volumes (written at creation) before skipping them: "
+                        "damaged ones are redone (reads every stored file)")
 
     p = sub.add_parser("train", help="pre-train fVLM (single process or torchrun)")
     _add_config_args(p)
@@ -120,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-model", default=os.environ.get("FVLM_LLM_MODEL", ""), help="model name (env FVLM_LLM_MODEL)")
     p.add_argument("--llm-cache", default="", help="cache directory for LLM answers (default: OUT/.llm_cache)")
     p.add_argument("--llm-workers", type=int, default=4, help="concurrent LLM requests")
+    p.add_argument("--llm-timeout", type=float, default=None, help="seconds per LLM request attempt (default 60)")
+    p.add_argument("--llm-retries", dest="llm_max_retries", type=int, default=None,
+                   help="retries after a timeout, connection error, HTTP 429 or 5xx (default 2)")
+    p.add_argument("--llm-invalid-retries", type=int, default=None,
+                   help="further requests after an invalid (garbage or partial JSON) answer (default 1)")
+    p.add_argument("--llm-accept-fallback", action="store_true",
+                   help="exit 0 even when the LLM was never used (every report fell back to the rules backend)")
     p.add_argument("--lexicon", default="", help="rules backend lexicon JSON (default: the shipped chest-CT lexicon)")
     p.add_argument("--evaluate", metavar="GOLD_DIR", help="compare OUT (or --pred) with reference JSON files")
     p.add_argument("--pred", help="with --evaluate: directory of predicted JSON files (default: --out)")
@@ -134,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anatomy-table", default="released",
                    help="anatomy table whose anatomies the anatomy-text check looks for")
     p.add_argument("--workers", type=int, default=4, help="threads reading headers")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any problem is found (default: report only)")
 
     p = sub.add_parser("segment", help="TotalSegmentator v2 (task total, roi_subset of the anatomy table) label maps "
                                        "into dataset/{split}_mask/, resumable")

@@ -17,6 +17,10 @@ from typing import Any
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type (a ``TypeError`` and a ``ValueError``: the CLI reports it in one line)."""
+
+
 @dataclass
 class DataConfig:
     """Preprocessing and sampling. Axes: ``spacing`` is (x, y, z) in mm; sizes are (D, H, W) = (z, y, x)."""
@@ -172,12 +176,55 @@ class Config:
             raise ValueError(f"train.amp must be auto, bf16 or off, got {self.train.amp!r}")
         if self.data.hu_window[0] >= self.data.hu_window[1]:
             raise ValueError(f"data.hu_window={self.data.hu_window} must be (low, high) with low < high")
+        self._check_ranges()
         lo, hi = self.data.hu_window
         for w in self.data.input_windows:
             if not lo <= w[0] < w[1] <= hi:
                 raise ValueError(f"data.input_windows entry {list(w)} must satisfy {lo} <= low < high <= {hi} "
                                  "(the store keeps only data.hu_window)")
         return self
+
+    def _check_ranges(self) -> None:
+        """Types are checked on loading; here the ranges, so that nothing runs (or is written) with a value
+        that can only fail later (``train.batch_size=0``, a negative spacing, a NaN learning rate)."""
+        import math
+
+        d, t, m = self.data, self.train, self.model
+        checks: list[tuple[str, Any, bool, str]] = [
+            ("data.spacing", d.spacing, all(math.isfinite(x) and x > 0 for x in d.spacing), "positive mm"),
+            ("data.hu_window", d.hu_window, all(math.isfinite(x) for x in d.hu_window), "finite HU"),
+            ("data.margin", d.margin, all(x >= 0 for x in d.margin), ">= 0 voxels"),
+            ("data.crop_size", d.crop_size, all(x >= 1 for x in d.crop_size), ">= 1 voxels"),
+            ("data.eval_crop_size", d.eval_crop_size, all(x >= 1 for x in d.eval_crop_size), ">= 1 voxels"),
+            ("data.flip_prob", d.flip_prob, 0.0 <= d.flip_prob <= 1.0, "in [0, 1]"),
+            ("model.vision.patch_size", m.vision.patch_size, all(x >= 1 for x in m.vision.patch_size), ">= 1"),
+            ("model.vision.width", m.vision.width, m.vision.width >= 1, ">= 1"),
+            ("model.vision.depth", m.vision.depth, m.vision.depth >= 1, ">= 1"),
+            ("model.vision.heads", m.vision.heads, m.vision.heads >= 1, ">= 1"),
+            ("model.pool_heads", m.pool_heads, m.pool_heads >= 1, ">= 1"),
+            ("model.embed_dim", m.embed_dim, m.embed_dim >= 1, ">= 1"),
+            ("model.text.max_length", m.text.max_length, m.text.max_length >= 1, ">= 1"),
+            ("train.epochs", t.epochs, t.epochs >= 1 or t.max_steps > 0, ">= 1 (or train.max_steps > 0)"),
+            ("train.max_steps", t.max_steps, t.max_steps >= 0, ">= 0"),
+            ("train.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
+            ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, ">= 1"),
+            ("train.lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "a positive number"),
+            ("train.min_lr", t.min_lr, math.isfinite(t.min_lr) and t.min_lr >= 0, ">= 0"),
+            ("train.warmup_lr", t.warmup_lr, math.isfinite(t.warmup_lr) and t.warmup_lr >= 0, ">= 0"),
+            ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+            ("train.weight_decay", t.weight_decay, math.isfinite(t.weight_decay) and t.weight_decay >= 0, ">= 0"),
+            ("train.text_lr_scale", t.text_lr_scale, math.isfinite(t.text_lr_scale) and t.text_lr_scale >= 0, ">= 0"),
+            ("train.betas", t.betas, all(0.0 <= b < 1.0 for b in t.betas), "each in [0, 1)"),
+            ("train.clip_grad", t.clip_grad, math.isfinite(t.clip_grad) and t.clip_grad >= 0, ">= 0 (0 = off)"),
+            ("train.num_workers", t.num_workers, t.num_workers >= 0, ">= 0"),
+            ("train.ckpt_every", t.ckpt_every, t.ckpt_every >= 1, ">= 1"),
+            ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+            ("eval.batch_size", self.eval.batch_size, self.eval.batch_size >= 1, ">= 1"),
+            ("eval.num_workers", self.eval.num_workers, self.eval.num_workers >= 0, ">= 0"),
+        ]
+        bad = [f"{name}={value!r} must be {rule}" for name, value, ok, rule in checks if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
 
     @property
     def input_windows(self) -> tuple[tuple[float, float], ...]:
@@ -211,7 +258,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected an object, got {value!r}")
+            raise ConfigTypeError(f"{where}: expected an object, got {value!r}")
         return _from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -224,11 +271,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(a, value, where)
             except (TypeError, ValueError):
                 continue
-        raise TypeError(f"{where}: {value!r} does not match {tp}")
+        raise ConfigTypeError(f"{where}: {value!r} does not match {tp}")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise ConfigTypeError(f"{where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, where) for v in value)
         if len(value) != len(args):
@@ -236,27 +283,27 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return tuple(_coerce(a, v, where) for a, v in zip(args, value))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected an object, got {value!r}")
+            raise ConfigTypeError(f"{where}: expected an object, got {value!r}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigTypeError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigTypeError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where}: expected a number, got {value!r}")
+            raise ConfigTypeError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise TypeError(f"{where}: expected a string, got {value!r}")
+            raise ConfigTypeError(f"{where}: expected a string, got {value!r}")
         return value
-    raise TypeError(f"{where}: unsupported field type {tp}")
+    raise ConfigTypeError(f"{where}: unsupported field type {tp}")
 
 
 def _from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
@@ -326,13 +373,24 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     """Load a preset or JSON file (``None`` = defaults = the released run), apply overrides, validate."""
     base = _to_jsonable(dataclasses.asdict(Config()))
     if name_or_path is not None:
-        with open(preset_path(name_or_path)) as f:
-            user = json.load(f)
+        path = preset_path(name_or_path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                user = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+                             ) from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path}: not a text (UTF-8 JSON) file ({e.reason} at byte {e.start})"
+                             ) from None
+        if not isinstance(user, dict):
+            raise ValueError(f"config file {path}: expected a JSON object with sections (data, model, loss, train, "
+                             f"eval), got {type(user).__name__}")
         # check keys against the schema before merging, so typos in files are reported with the file name
         try:
             _from_dict(Config, _merge(base, user))
         except (KeyError, TypeError, ValueError) as e:
-            raise type(e)(f"{preset_path(name_or_path)}: {e}") from None
+            raise type(e)(f"{path}: {e}") from None
         base = _merge(base, user)
     return config_from_dict(apply_overrides(base, overrides))
 

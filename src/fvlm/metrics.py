@@ -154,7 +154,9 @@ def _align(scores_df: pd.DataFrame, labels_df: pd.DataFrame, sources: tuple[str,
     not_binary = ~np.isin(truth_f, (0.0, 1.0))
     if not_binary.any():
         i, j = np.argwhere(not_binary)[0]
-        raise ValueError(f"{labels_src}: label of {s.index[i]} for {labels[j]!r} is {truth_f[i, j]!r}, "
+        raw = y.loc[s.index[i], labels[j]]
+        shown = "empty" if pd.isna(raw) or str(raw).strip() == "" else repr(raw if isinstance(raw, str) else float(raw))
+        raise ValueError(f"{labels_src}: label of {s.index[i]} for {labels[j]!r} is {shown}, "
                          f"expected 0 or 1 ({int(not_binary.sum())} such cells)")
     return _Aligned(volumes=list(s.index), labels=list(labels), scores=scores,
                     truth=truth_f.astype(np.int8), label_rows_unscored=unscored)
@@ -580,7 +582,11 @@ def _read_csv(path: str | Path, what: str) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} CSV not found: {path}")
-    return pd.read_csv(path)
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} CSV {path}: not a readable CSV ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
 
 
 def run_metrics_cli(args: argparse.Namespace) -> int:

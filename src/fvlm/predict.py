@@ -56,7 +56,6 @@ from fvlm.anatomy import AnatomyTable
 from fvlm.config import Config
 from fvlm.data.preprocess import (
     SourceVolume,
-    check_same_grid,
     from_sitk,
     lps_reorientation,
     prepare_arrays,
@@ -169,6 +168,9 @@ def read_dicom_series(folder: str | Path, series: str | None = None) -> tuple[So
         pick = chosen[0]
     else:
         pick = found[0]
+        if len(found) > 1 and len(found[1].files) == len(pick.files):
+            raise ValueError(f"{folder}: {len(found)} DICOM series, the largest two with {len(pick.files)} slices "
+                             f"each: which one is the scan cannot be told; choose one with --series UID: {listing}")
         if len(found) > 1:
             log.info("%s holds %d DICOM series; using the one with most slices, %s (choose with --series): %s",
                      folder, len(found), pick.uid, listing)
@@ -176,11 +178,21 @@ def read_dicom_series(folder: str | Path, series: str | None = None) -> tuple[So
         raise ValueError(f"{folder}: DICOM series {pick.uid} has {len(pick.files)} slice: a 3D CT series is needed")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(pick.files))
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
     except RuntimeError as e:
         raise ValueError(f"{folder}: cannot read DICOM series {pick.uid}: {' '.join(str(e).split())[:300]}") from None
     vol = from_sitk(image)
+    positions = []
+    for k in range(len(pick.files)):
+        try:
+            positions.append([float(x) for x in reader.GetMetaData(k, "0020|0032").split("\\")])
+        except (RuntimeError, ValueError):
+            positions = []
+            break
+    if positions:
+        check_slice_positions(np.asarray(positions), vol.geometry.matrix[:, 2], f"{folder}: DICOM series {pick.uid}")
     if vol.array.dtype.kind == "f" and vol.array.dtype != np.float32:
         vol = SourceVolume(vol.array.astype(np.float32), vol.geometry)
     info = {"format": "dicom", "path": str(folder), "series_uid": pick.uid, "series_folder": pick.folder,
@@ -188,6 +200,40 @@ def read_dicom_series(folder: str | Path, series: str | None = None) -> tuple[So
             "other_series": [{"uid": s.uid, "slices": len(s.files), "description": s.description}
                              for s in found if s.uid != pick.uid]}
     return vol, info
+
+
+#: slice distances up to this factor of the median distance are one slice step; larger ones are gaps
+SLICE_GAP_FACTOR = 1.5
+
+
+def check_slice_positions(positions: np.ndarray, normal: np.ndarray, what: str) -> None:
+    """Refuse a series whose slices are not evenly spaced: a gap (missing slice), a repeated position.
+
+    The rule: distances between consecutive slice positions (ImagePositionPatient projected on the slice
+    normal) must agree within a factor :data:`SLICE_GAP_FACTOR` of their median. A series with a missing
+    slice is refused with an error naming the gap, never resampled: an interpolated slice would be invented
+    anatomy, and SimpleITK would silently stretch the whole volume to an average spacing. Re-export the
+    complete series. Smaller irregularities (up to the factor) are logged as a warning.
+    """
+    z = np.sort(np.asarray(positions, dtype=np.float64) @ np.asarray(normal, dtype=np.float64))
+    if len(z) < 2:
+        return
+    d = np.diff(z)
+    step = float(np.median(d))
+    if step <= 1e-6 or np.any(d <= 1e-6 * max(1.0, step)):
+        k = int(np.argmin(d))
+        raise ValueError(f"{what}: two slices at the same position ({z[k]:.2f} mm along the slice normal): "
+                         f"duplicate or mixed series; choose one with --series or clean the folder")
+    gaps = np.flatnonzero(d > SLICE_GAP_FACTOR * step)
+    if gaps.size:
+        missing = int(sum(round(d[g] / step) - 1 for g in gaps))
+        where = "; ".join(f"{z[g]:.2f} -> {z[g + 1]:.2f} mm" for g in gaps[:3])
+        raise ValueError(f"{what}: {max(1, missing)} slice(s) missing ({where}; {step:.3g} mm between the other "
+                         f"{len(z)} slices): series with missing slices are refused, not resampled (an interpolated "
+                         f"slice would be invented anatomy); re-export the complete series")
+    if np.ptp(d) > 0.01 * step + 1e-3:
+        log.warning("%s: slice distances vary from %.3g to %.3g mm (median %.3g mm): the median is used", what,
+                    float(d.min()), float(d.max()), step)
 
 
 def read_image(path: str | Path, series: str | None = None, what: str = "scan") -> tuple[SourceVolume, dict[str, Any]]:
@@ -418,12 +464,20 @@ class Predictor:
             label = segment_scan(image, scan, info, self.table, totalseg_cmd, totalseg_fast, totalseg_device, save_mask)
             timing["segment"] = time.perf_counter() - t0
             segmentation = {"method": "TotalSegmentator", "label_map": str(save_mask) if save_mask else None}
+        from fvlm.data.labelmap import align_label
+
+        label = align_label(image, label, label_name=f"label map {mask or '(TotalSegmentator output)'}",
+                            image_name=f"scan {scan}")
         try:
-            check_same_grid(image, label)
+            label = SourceVolume(_label_uint8(label.array), label.geometry)
         except ValueError as e:
-            raise ValueError(f"label map {mask or '(TotalSegmentator output)'} does not lie on the grid of scan "
-                             f"{scan}: {e}") from None
-        return self._predict(image, label, {**info, "segmentation": segmentation}, timing)
+            raise ValueError(f"label map {mask or '(TotalSegmentator output)'}: {e}") from None
+        try:
+            return self._predict(image, label, {**info, "segmentation": segmentation}, timing)
+        except ValueError as e:  # a problem of these inputs: name the files
+            if str(scan) in str(e):
+                raise
+            raise ValueError(f"scan {scan}" + (f" with label map {mask}" if mask else "") + f": {e}") from None
 
     def predict_arrays(self, hu: np.ndarray, label_map: np.ndarray, spacing: tuple[float, float, float],
                        origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
@@ -457,6 +511,10 @@ class Predictor:
         def warn(msg: str) -> None:
             warnings.append(msg)
             log.warning("%s", msg)
+
+        if image.array.size and image.array.min() == image.array.max():
+            warn(f"the scan {source.get('path') or ''} is constant (every voxel {image.array.flat[0]}): not a CT "
+                 f"scan, or an empty export; the findings mean nothing")
 
         t0 = time.perf_counter()
         g = image.geometry
@@ -761,5 +819,5 @@ def run_predict_cli(args: argparse.Namespace) -> int:
 
 
 __all__ = ["DicomSeries", "Prediction", "Predictor", "list_dicom_series", "load", "obliquity_degrees",
-           "orientation_code", "read_dicom_series", "read_image", "resample_axis_aligned", "save_overlay",
-           "segment_scan"]
+           "orientation_code", "check_slice_positions", "read_dicom_series", "read_image", "resample_axis_aligned",
+           "save_overlay", "segment_scan"]

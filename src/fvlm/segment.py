@@ -217,6 +217,8 @@ def load_fixed(job: SegmentJob) -> tuple[Any, str]:
 
     if job.version in ("auto", "v1") and job.metadata is None:
         raise ValueError("missing from the metadata CSV: cannot fix or check its version")
+    if job.metadata is not None and job.metadata.conflict:
+        raise ValueError(f"{job.volume} is {job.metadata.conflict}")
     vol = read_nifti(job.image)
     check_finite(vol.array)
     if job.version == "hu":
@@ -245,10 +247,11 @@ def write_nifti(path: str | Path, array_zyx: np.ndarray, geometry: Any) -> None:
 def check_label_map(path: str | Path, image: Any) -> int:
     """``ValueError`` unless ``path`` is a readable integer label map on ``image``'s grid with ids 0..117;
     returns the number of distinct classes in it."""
-    from fvlm.data.preprocess import check_same_grid, read_nifti
+    from fvlm.data.labelmap import align_label
+    from fvlm.data.preprocess import read_nifti
 
-    lab = read_nifti(path)
-    check_same_grid(image, lab)
+    # the same grid in another axis order/direction is accepted (every reader of label maps reorders it)
+    lab = align_label(image, read_nifti(path), label_name=f"label map {path}")
     a = lab.array
     if a.dtype.kind == "f" and (not np.all(np.isfinite(a)) or np.any(a != np.round(a))):
         raise ValueError(f"{path}: label map holds non-integer values")
@@ -266,7 +269,7 @@ def output_is_complete(job: SegmentJob, verify: str = "header") -> bool:
     """Whether ``job.output`` holds a finished map for this volume: header shape equal to the source's and its
     geometry equal to the source header's (v2/HU) or the metadata's (v1); ``verify="full"`` inflates the map too."""
     from fvlm.data.check import read_header
-    from fvlm.data.preprocess import SourceVolume, check_same_grid
+    from fvlm.data.labelmap import grid_mapping
 
     out = Path(job.output)
     if not out.exists():
@@ -274,9 +277,6 @@ def output_is_complete(job: SegmentJob, verify: str = "header") -> bool:
     try:
         mh = read_header(out)
         sh = read_header(job.image)
-        if tuple(mh.shape_xyz[:3]) != tuple(sh.shape_xyz[:3]):
-            return False
-        dummy = np.empty(tuple(sh.shape_xyz[:3])[::-1], dtype=np.uint8)  # shape only: no voxel data is touched
         candidates = [sh.geometry]
         if job.metadata is not None and job.version in ("auto", "v1"):
             try:
@@ -286,7 +286,8 @@ def output_is_complete(job: SegmentJob, verify: str = "header") -> bool:
         ok = False
         for g in candidates:
             try:
-                check_same_grid(SourceVolume(dummy, g), SourceVolume(dummy, mh.geometry))
+                # header only (no voxel data is touched); another axis order/direction of the same grid is fine
+                grid_mapping(g, tuple(sh.shape_xyz[:3])[::-1], mh.geometry, tuple(mh.shape_xyz[:3])[::-1])
                 ok = True
                 break
             except ValueError:

@@ -215,6 +215,9 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     if dist.is_main():
         run.mkdir(parents=True, exist_ok=True)
         clean_stale(run)
+        from fvlm.markers import clear_marker
+
+        clear_marker(run, "train")  # set again only when this run completes its schedule
         cfg.save(run / "config.json")
         (run / "anatomy_table.json").write_text(json.dumps(table.to_dict(), indent=2) + "\n")
     dist.barrier()
@@ -322,6 +325,10 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
             logger.close()
     if dist.is_main():
         plot_loss(run / "log.csv", run / "loss.png")
+        if step >= total_steps:  # the whole schedule ran: the run is complete (marker written last, atomically)
+            from fvlm.markers import write_marker
+
+            write_marker(run, "train", config=cfg.to_dict(), steps=step, checkpoint=f"checkpoints/step_{step:07d}")
     dist.barrier()
     dist.destroy_distributed()
     return run

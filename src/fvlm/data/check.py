@@ -160,7 +160,18 @@ def check_split(root: Path, split: str, sample: int = 20, table: Any = None, wor
     metadata: dict[str, ctrate.VolumeMetadata] = {}
     md_rep: dict[str, Any] = {"path": str(mpath), "exists": mpath.exists()}
     if mpath.exists():
-        metadata = ctrate.read_metadata(mpath)
+        duplicates: list[dict[str, Any]] = []
+        metadata = ctrate.read_metadata(mpath, duplicates=duplicates)
+        md_rep["duplicates"] = duplicates
+        conflicting = [d for d in duplicates if d["conflicting"]]
+        if conflicting:
+            d = conflicting[0]
+            problems.append(f"metadata {mpath}: {len(conflicting)} volume(s) listed twice with DIFFERENT values "
+                            f"(refused by preprocess), e.g. {d['volume']} on lines {d['lines']} "
+                            f"({', '.join(d['columns'])})")
+        if len(duplicates) > len(conflicting):
+            problems.append(f"metadata {mpath}: {len(duplicates) - len(conflicting)} volume(s) listed twice with "
+                            f"identical values (one row is used)")
         empty: dict[str, list[str]] = {c: [] for c in FIX_COLUMNS}
         unparsable: dict[str, list[str]] = {}
         for name, m in metadata.items():
@@ -217,7 +228,8 @@ def check_split(root: Path, split: str, sample: int = 20, table: Any = None, wor
             have = set(side[key])
             rep[f"not_in_{key}"] = [n for n in files if n not in have]
             if rep[f"not_in_{key}"]:
-                problems.append(f"{len(rep[f'not_in_{key}'])} volume(s) on disk have no {key} row")
+                problems.append(f"{len(rep[f'not_in_{key}'])} volume(s) on disk have no {key} row in "
+                                f"{rep[key]['path']}{_ex(rep[f'not_in_{key}'])}")
 
     # --- headers: v1/v2 evidence, shape against metadata (cheap, threaded: the work is I/O and zlib)
     names = list(files)
@@ -319,7 +331,8 @@ def check_split(root: Path, split: str, sample: int = 20, table: Any = None, wor
                                 f"{table.name!r}: those anatomies would only get the normal template "
                                 f"(run fvlm decompose with this table)")
         if at["scans_without_texts"]:
-            problems.append(f"{len(at['scans_without_texts'])} of {len(scans)} scans on disk have no anatomy texts")
+            problems.append(f"{len(at['scans_without_texts'])} of {len(scans)} scans on disk have no anatomy texts in "
+                            f"{ctrate.anatomy_texts_dir(root)}/desc_info.json{_ex(at['scans_without_texts'])}")
     elif scans:
         problems.append(f"no anatomy texts under {ctrate.anatomy_texts_dir(root)} (fvlm decompose can make them)")
     rep["anatomy_texts"] = at
@@ -461,7 +474,8 @@ def log_summary(report: Mapping[str, Any]) -> None:
 
 
 def run_check_data_cli(args: argparse.Namespace) -> int:
-    """``fvlm check-data``: 0 whenever the root could be inventoried (problems are reported, not fatal)."""
+    """``fvlm check-data``: 0 whenever the root could be inventoried (problems are reported, not fatal);
+    with ``--strict``, 1 when any problem was found (for scripts that must stop before hours are spent)."""
     report = check_data(args.data, splits=[args.split] if args.split else None, sample=args.sample,
                         anatomy_table=args.anatomy_table or None, workers=args.workers)
     if args.json:
@@ -469,6 +483,11 @@ def run_check_data_cli(args: argparse.Namespace) -> int:
 
         atomic_write_text(args.json, json.dumps(report, indent=1, default=_jsonable) + "\n")
         log.info("report written to %s", os.fspath(args.json))
+    if getattr(args, "strict", False):
+        found = [f"{split}: {p}" for split, rep in report.get("splits", {}).items() for p in rep.get("problems", [])]
+        if found:
+            log.error("check-data --strict: %d problem(s) in %s: %s", len(found), args.data, " | ".join(found))
+            return 1
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -241,6 +242,8 @@ class VolumeMetadata:
     slices: int | None = None
     problems: tuple[str, ...] = ()
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    #: non-empty when the CSV lists this volume twice with different values (the volume must be refused)
+    conflict: str = field(default="", compare=False)
 
     @property
     def spacing(self) -> tuple[float, float, float] | None:
@@ -356,27 +359,74 @@ def parse_metadata_row(row: Mapping[str, Any]) -> VolumeMetadata:
     )
 
 
-def read_metadata(path: str | Path) -> dict[str, VolumeMetadata]:
+#: metadata columns the v1 fix needs
+FIX_COLUMNS = ("XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient", "RescaleSlope",
+               "RescaleIntercept")
+
+
+def _same_row(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Columns whose values differ between two rows (whitespace and empty/NaN spellings ignored)."""
+    return [k for k in dict.fromkeys([*a, *b]) if k != "VolumeName" and _clean(a.get(k)) != _clean(b.get(k))]
+
+
+def read_metadata(path: str | Path, duplicates: list[dict[str, Any]] | None = None) -> dict[str, VolumeMetadata]:
     """A CT-RATE metadata CSV -> {volume name (no extension): VolumeMetadata}, in file order.
 
     Bad values never raise (see :func:`parse_metadata_row`); rows without a VolumeName are skipped with a
-    warning. ``FileNotFoundError`` names the file when it is absent.
+    warning. ``FileNotFoundError`` names the file when it is absent; ``ValueError`` when it is not a readable
+    CSV. A volume listed twice with the same values keeps one row; listed with different values it gets
+    :attr:`VolumeMetadata.conflict` set (which row is right cannot be known: the volume is refused by its
+    users). Every duplicate is appended to ``duplicates`` (``{"volume", "lines", "conflicting", "columns"}``).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"metadata CSV {path} not found")
     out: dict[str, VolumeMetadata] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "VolumeName" not in reader.fieldnames:
-            raise ValueError(f"{path}: no VolumeName column (is this a CT-RATE metadata CSV?)")
-        for i, row in enumerate(reader, start=2):
-            try:
-                m = parse_metadata_row(row)
-            except ValueError as e:
-                log.warning("%s line %d: %s; row skipped", path, i, e)
-                continue
-            out[m.volume] = m
+    lines: dict[str, list[int]] = {}
+    dups: dict[str, dict[str, Any]] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "VolumeName" not in reader.fieldnames:
+                raise ValueError(f"{path}: no VolumeName column (is this a CT-RATE metadata CSV?)")
+            absent = [c for c in FIX_COLUMNS if c not in reader.fieldnames]
+            if absent:
+                log.warning("metadata CSV %s has no column(s) %s: v1 volumes cannot be fixed from it", path, absent)
+            for i, row in enumerate(reader, start=2):
+                try:
+                    m = parse_metadata_row(row)
+                except ValueError as e:
+                    log.warning("%s line %d: %s; row skipped", path, i, e)
+                    continue
+                if m.volume in out:
+                    lines[m.volume].append(i)
+                    first = out[m.volume]
+                    cols = _same_row(first.raw, m.raw)
+                    rec = dups.setdefault(m.volume, {"volume": m.volume, "lines": lines[m.volume],
+                                                     "conflicting": False, "columns": []})
+                    if cols:
+                        rec["conflicting"] = True
+                        rec["columns"] = sorted(set(rec["columns"]) | set(cols))
+                        why = (f"listed {len(lines[m.volume])} times in metadata CSV {path} with different values "
+                               f"(lines {', '.join(map(str, lines[m.volume]))}; columns {', '.join(rec['columns'])})"
+                               f": keep one row per volume")
+                        out[m.volume] = dataclasses.replace(first, conflict=why)
+                    continue
+                lines[m.volume] = [i]
+                out[m.volume] = m
+    except UnicodeDecodeError as e:
+        raise ValueError(f"metadata CSV {path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise ValueError(f"metadata CSV {path}: not a readable CSV ({e})") from None
+    if dups:
+        n_conf = sum(r["conflicting"] for r in dups.values())
+        if n_conf:
+            log.warning("%s: %d volume(s) listed twice with different values (refused), e.g. %s", path, n_conf,
+                        next(r for r in dups.values() if r["conflicting"])["volume"])
+        if len(dups) > n_conf:
+            log.info("%s: %d volume(s) listed twice with identical values (one row kept)", path, len(dups) - n_conf)
+        if duplicates is not None:
+            duplicates.extend(dups.values())
     n_bad = sum(bool(m.problems) for m in out.values())
     if n_bad:
         log.info("%s: %d of %d rows have unparsable values (kept as missing)", path, n_bad, len(out))
@@ -407,16 +457,26 @@ def read_reports(path: str | Path) -> dict[str, Report]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"reports CSV {path} not found")
-    out = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "VolumeName" not in reader.fieldnames:
-            raise ValueError(f"{path}: no VolumeName column (is this a CT-RATE reports CSV?)")
-        for row in reader:
-            name = _clean(row.get("VolumeName"))
-            if name is None:
-                continue
-            out[strip_extension(name)] = Report(*(_section(row.get(c)) for c in REPORT_COLUMNS))
+    out: dict[str, Report] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "VolumeName" not in reader.fieldnames:
+                raise ValueError(f"reports CSV {path}: no VolumeName column (is this a CT-RATE reports CSV?)")
+            for row in reader:
+                name = _clean(row.get("VolumeName"))
+                if name is None:
+                    continue
+                report = Report(*(_section(row.get(c)) for c in REPORT_COLUMNS))
+                key = strip_extension(name)
+                if key in out and not (report.findings or report.impressions) and (
+                        out[key].findings or out[key].impressions):
+                    continue  # an empty duplicate row never replaces a report
+                out[key] = report
+    except UnicodeDecodeError as e:
+        raise ValueError(f"reports CSV {path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise ValueError(f"reports CSV {path}: not a readable CSV ({e})") from None
     return out
 
 
@@ -436,12 +496,17 @@ def read_labels(path: str | Path) -> dict[str, np.ndarray]:
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}")
         for i, row in enumerate(reader, start=2):
-            try:
-                vals = [int(float(row[c])) for c in CT_RATE_LABELS]
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{path} line {i}: bad label value ({e})") from None
-            if any(v not in (0, 1) for v in vals):
-                raise ValueError(f"{path} line {i}: labels must be 0 or 1, got {vals}")
+            vals = []
+            for c in CT_RATE_LABELS:
+                cell = (row.get(c) or "").strip()
+                try:
+                    v = float(cell)
+                except ValueError:
+                    v = math.nan
+                if v not in (0.0, 1.0):
+                    raise ValueError(f"{path} line {i}: label {c!r} of {row.get('VolumeName')} is {cell!r}: labels "
+                                     f"must be 0 or 1")
+                vals.append(int(v))
             out[strip_extension(row["VolumeName"])] = np.asarray(vals, dtype=np.int8)
     return out
 

@@ -42,12 +42,21 @@ def _report_texts(root: Path, split: str) -> dict[str, str]:
     if not path.exists():
         raise FileNotFoundError(f"global baseline needs the reports: {path} not found (re-run fvlm preprocess "
                                 f"on a data set with radiology_text_reports/)")
-    df = pd.read_csv(path, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"reports CSV {path}: not a readable CSV ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    if "VolumeName" not in df.columns:
+        raise ValueError(f"reports CSV {path}: no VolumeName column")
     out: dict[str, str] = {}
     for row in df.itertuples(index=False):
         parts = [getattr(row, c, "") for c in ("Findings_EN", "Impressions_EN")]
         parts = [clean_text(p) for p in parts if p and p.strip() != "Not given."]
-        out[scan_id(row.VolumeName)] = " ".join(parts)
+        text = " ".join(parts)
+        key = scan_id(row.VolumeName)
+        if text or key not in out:  # an empty duplicate row never replaces a report
+            out[key] = text
     return out
 
 

@@ -322,7 +322,9 @@ def prepare_arrays(image: SourceVolume | Any, label: SourceVolume | Any, data_cf
     if not isinstance(label, SourceVolume):
         label = from_sitk(label)
     check_finite(image.array)
-    check_same_grid(image, label)
+    from fvlm.data.labelmap import align_label
+
+    label = align_label(image, label)  # same grid in another axis order/direction: reordered; else refused
     lab = label.array
     if lab.dtype.kind == "f":
         check_finite(lab, "label map")
@@ -476,6 +478,8 @@ def process_volume(job: VolumeJob, out: str | Path, data_cfg: DataConfig, table:
     try:
         if job.version in ("auto", "v1") and job.metadata is None:
             raise ValueError(f"missing from the metadata CSV {job.metadata_file or '(none found)'}")
+        if job.metadata is not None and job.metadata.conflict:
+            raise ValueError(f"{job.volume} is {job.metadata.conflict}")
         if not Path(job.label).exists():
             why = ""
             if job.version in ("auto", "v1") and job.metadata is not None:
@@ -486,7 +490,13 @@ def process_volume(job: VolumeJob, out: str | Path, data_cfg: DataConfig, table:
             raise FileNotFoundError(f"label map {job.label} not found (segment the volume with TotalSegmentator v2, "
                                     f"task total, multilabel output){why}")
         image = read_nifti(job.image)
-        check_finite(image.array)  # before version detection, whose statistics NaN would confuse
+        try:
+            check_finite(image.array)  # before version detection, whose statistics NaN would confuse
+        except ValueError as e:
+            raise ValueError(f"{job.image}: {e}") from None
+        if image.array.size and image.array.min() == image.array.max():
+            log.warning("%s: the image %s is constant (every voxel %s): not a CT scan, or an empty export?",
+                        job.volume, job.image, image.array.flat[0])
         label = read_nifti(job.label)
         slope, intercept = 1.0, 0.0
         if job.version == "hu":
@@ -497,14 +507,24 @@ def process_volume(job: VolumeJob, out: str | Path, data_cfg: DataConfig, table:
             if decision.version == "v1":
                 assert job.metadata is not None
                 md = job.metadata
-                geometry = md.fix_geometry()
+                try:
+                    geometry = md.fix_geometry()
+                except ValueError as e:
+                    raise ValueError(f"{e} (metadata CSV {job.metadata_file})") from None
                 if md.slope is None or md.intercept is None:
                     raise ValueError(f"metadata of {job.volume} has empty RescaleSlope/RescaleIntercept: "
-                                     f"cannot fix the v1 values")
+                                     f"cannot fix the v1 values (metadata CSV {job.metadata_file})")
                 slope, intercept = md.slope, md.intercept
                 image = SourceVolume(image.array, geometry)  # voxel array as stored, geometry from metadata
         version = decision.version
-        img, msk, info = prepare_arrays(image, label, data_cfg, table, slope=slope, intercept=intercept)
+        # label map on the scan's grid (reordered when only the axis order/direction differs); names both files
+        from fvlm.data.labelmap import align_label
+
+        label = align_label(image, label, label_name=f"label map {job.label}", image_name=f"scan {job.image}")
+        try:
+            img, msk, info = prepare_arrays(image, label, data_cfg, table, slope=slope, intercept=intercept)
+        except ValueError as e:  # name the files (prepare_arrays works on arrays)
+            raise ValueError(f"{e} (image {job.image}, label map {job.label})") from None
         seconds = time.perf_counter() - t0
         info["source"].update({"image": str(job.image), "label": str(job.label), "version": decision.version,
                                "version_reason": decision.reason, "evidence": decision.evidence,
@@ -684,7 +704,8 @@ def write_store_config(out: str | Path, data_cfg: DataConfig, table: AnatomyTabl
 
 # ----------------------------------------------------------------------------------------------- runner
 def run_preprocess(jobs: Sequence[VolumeJob], out: str | Path, data_cfg: DataConfig, table: AnatomyTable,
-                   workers: int = 1, shard: tuple[int, int] = (0, 1), limit: int = 0) -> RunSummary:
+                   workers: int = 1, shard: tuple[int, int] = (0, 1), limit: int = 0,
+                   verify: bool = False) -> RunSummary:
     """Process ``jobs`` (after ``limit``, then ``shard``) into ``out``; rebuilds manifest.csv and failures.csv.
 
     Complete outputs are skipped; damaged ones are redone; leftover temporary directories of this shard's
@@ -705,13 +726,13 @@ def run_preprocess(jobs: Sequence[VolumeJob], out: str | Path, data_cfg: DataCon
             log.info("removed %d temporary directories left by an interrupted run in %s/%s", removed, out, split)
     todo = []
     for j in jobs:
-        if store.is_complete(out, j.split, j.volume):
+        if store.is_complete(out, j.split, j.volume, verify=verify):  # verify: content hashes too
             store.clear_failure(out, j.split, j.volume)
             summary.results.append(VolumeResult(j.split, j.volume, "skipped"))
         else:
             if store.volume_dir(out, j.split, j.volume).exists():
                 log.info("%s/%s is damaged (%s): redoing it", j.split, j.volume,
-                         store.check_volume_dir(store.volume_dir(out, j.split, j.volume)))
+                         store.check_volume_dir(store.volume_dir(out, j.split, j.volume), verify=verify))
             todo.append(j)
     summary.skipped = len(jobs) - len(todo)
     log.info("preprocess: %d volumes in this shard, %d complete already, %d to do, %d worker(s)", len(jobs),
@@ -780,5 +801,19 @@ def run_preprocess_cli(args: argparse.Namespace) -> int:
     if args.data:
         copied = copy_side_files(args.data, out, splits)
         log.info("copied %s", ", ".join(copied) if copied else "no side files (texts, labels, reports absent)")
-    summary = run_preprocess(jobs, out, cfg.data, table, workers=args.workers, shard=shard, limit=args.limit)
+    # completion marker (fvlm.markers): cleared first, written last, only when every volume of this run is done
+    from fvlm.markers import clear_marker, write_marker
+
+    stage = "preprocess-" + ("-".join(splits) if args.data else "pairs") + (f"-shard{shard[0]}of{shard[1]}"
+                                                                            if shard[1] > 1 else "")
+    settings = {"data": json.loads(json.dumps(asdict(cfg.data))), "anatomy_table": table.to_dict(),
+                "source": str(Path(args.data or args.pairs).resolve()), "limit": args.limit,
+                "version": args.version, "reconstructions": str(args.reconstructions),
+                "include_no_chest": bool(args.include_no_chest)}
+    clear_marker(out, stage)
+    summary = run_preprocess(jobs, out, cfg.data, table, workers=args.workers, shard=shard, limit=args.limit,
+                             verify=getattr(args, "verify", False))
+    if not summary.failed:
+        write_marker(out, stage, config=settings, volumes=len(summary.results), processed=summary.ok,
+                     skipped=summary.skipped)
     return 1 if summary.failed else 0

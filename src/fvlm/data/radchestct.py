@@ -437,11 +437,12 @@ def verify_mask(image: Path, mask: Path) -> OrientationCheck:
     """``ValueError`` unless the label map ``mask`` lies on the grid of the converted ``image`` and shows the
     patient upright (:func:`superior_end_from_labels`; the image's slice 0 is superior)."""
     from fvlm.data.check import read_header
-    from fvlm.data.preprocess import SourceVolume, check_same_grid, read_nifti
+    from fvlm.data.labelmap import align_label
+    from fvlm.data.preprocess import SourceVolume, read_nifti
 
     h = read_header(image)
-    lab = read_nifti(mask)
-    check_same_grid(SourceVolume(np.empty(h.shape_xyz[:3][::-1], dtype=np.uint8), h.geometry), lab)
+    lab = align_label(SourceVolume(np.empty(h.shape_xyz[:3][::-1], dtype=np.uint8), h.geometry), read_nifti(mask),
+                      label_name=f"label map {mask}", image_name=f"image {image}")
     chk = superior_end_from_labels(lab.array)
     if chk.superior == "end":
         raise ValueError(f"label map {mask} shows the patient upside down (superior at the last slice: "

@@ -24,7 +24,8 @@ opened as ``np.memmap``) are still read.
 ``meta.json`` keys (all lengths in mm, arrays ``(D, H, W)`` = ``(z, y, x)``, vectors ``(x, y, z)``)::
 
     format (1 = .npy, 2 = .b2nd), split, volume, scan, shape [D, H, W], image_dtype, mask_dtype,
-    storage {container: "blosc2-ndarray", image|mask: {file, codec, clevel, filters, chunks, blocks}} (format 2),
+    storage {container: "blosc2-ndarray", image|mask: {file, codec, clevel, filters, chunks, blocks, sha256}}
+            (format 2; sha256 of the file as written, checked by ``fvlm preprocess --verify``),
     spacing [x, y, z], origin [x, y, z] (LPS mm of voxel (0, 0, 0)), direction (9, row-major), orientation "LPS",
     hu_window [low, high], pad_value, anatomy_table, crop_size,
     anatomies {name: {"voxels": int, "bbox": [z0, z1, y0, y1, x0, x1] (end-exclusive) or null}} in table order,
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -311,12 +313,23 @@ def _check_b2nd(p: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
     return None
 
 
-def check_volume_dir(d: str | Path) -> str | None:
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_volume_dir(d: str | Path, verify: bool = False) -> str | None:
     """Why the volume directory ``d`` is not complete and valid, or ``None`` when it is.
 
     Checks that meta.json parses and that both array files' headers match its shape and dtypes, without
     reading the data: a ``.b2nd`` file must open (its trailer, at the end of the file, is intact), an
-    ``.npy`` file (format 1) must hold all its bytes.
+    ``.npy`` file (format 1) must hold all its bytes. ``verify=True`` also compares each array file's sha256
+    with the one written at creation (``storage.{image,mask}.sha256`` in meta.json): damage in the middle of
+    a file, which the header checks cannot see, is found (volumes written before hashes existed pass).
     """
     d = Path(d)
     try:
@@ -329,15 +342,21 @@ def check_volume_dir(d: str | Path) -> str | None:
             why = check(d / name, shape, np.dtype(meta[key]))
             if why is not None:
                 return why
+        if verify:
+            storage = meta.get("storage") or {}
+            for name, key in zip(files, ("image", "mask"), strict=True):
+                expected = (storage.get(key) or {}).get("sha256")
+                if expected and file_sha256(d / name) != expected:
+                    return f"{name}: content hash differs from the one written at creation (damaged file)"
     except (OSError, ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
         return f"{type(e).__name__}: {e}"
     return None
 
 
-def is_complete(out: str | Path, split: str, volume: str) -> bool:
-    """True when the volume's directory exists and passes :func:`check_volume_dir`."""
+def is_complete(out: str | Path, split: str, volume: str, verify: bool = False) -> bool:
+    """True when the volume's directory exists and passes :func:`check_volume_dir` (``verify``: content hashes)."""
     d = volume_dir(out, split, volume)
-    return d.is_dir() and check_volume_dir(d) is None
+    return d.is_dir() and check_volume_dir(d, verify=verify) is None
 
 
 def splits(out: str | Path) -> list[str]:
@@ -483,6 +502,8 @@ def write_volume(out: str | Path, split: str, volume: str, image: np.ndarray, ma
     with _temp_volume_dir(out, split, volume) as tmp:
         storage = {"container": "blosc2-ndarray", "image": _write_b2nd(tmp / IMAGE, image, codecs["image"], chunks),
                    "mask": _write_b2nd(tmp / MASK, mask, codecs["mask"], chunks)}
+        for key, name in (("image", IMAGE), ("mask", MASK)):  # checked by check_volume_dir(verify=True)
+            storage[key]["sha256"] = file_sha256(tmp / name)
         meta = {**meta, "format": FORMAT_VERSION, "shape": [int(s) for s in image.shape], "image_dtype": "int16",
                 "mask_dtype": "uint8", "storage": storage}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")

@@ -7,16 +7,24 @@ object per report::
 
 ``findings`` / ``impression`` are the report's sentences about the anatomy (copied verbatim),
 ``abnormal`` whether the impression states an abnormality of it. Answers are validated against the anatomy
-table (unknown anatomy keys, missing keys or wrong types -> invalid). Transport errors, HTTP 429 and 5xx are
-retried with exponential backoff; other HTTP errors are not. Valid answers are cached on disk, keyed by a
-hash of (prompt version, model, anatomy table, report text): a second run sends no request. The caller
-falls back to the rules backend when :meth:`LLMDecomposer.decompose` returns no decomposition.
+table (unknown anatomy keys, missing keys or wrong types -> invalid). Transport errors and timeouts
+(``timeout`` seconds per attempt), HTTP 429 and 5xx are retried ``max_retries`` times with exponential
+backoff; other HTTP errors are not. Invalid answers (garbage, truncated or partial JSON, a body larger than
+``max_response_bytes``, which is never read further) are asked again ``invalid_retries`` times. Valid answers
+are cached on disk, keyed by a hash of (prompt version, model, anatomy table, report text): a second run sends
+no request. The caller falls back to the rules backend when :meth:`LLMDecomposer.decompose` returns no
+decomposition, and reports that per report.
+
+Secrets: the API key (``Authorization: Bearer``) and credentials in the URL (``http://user:password@host/v1``,
+sent as HTTP Basic authentication) are kept out of every log line, error message and output
+(:meth:`LLMConfig.redact`; :attr:`LLMConfig.endpoint` never holds them).
 
 Only the standard library is used for HTTP (``urllib``), so the backend adds no dependency.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -26,8 +34,9 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fvlm.anatomy import AnatomyTable
@@ -67,20 +76,30 @@ class LLMError(RuntimeError):
     """The endpoint could not be reached or kept failing (retries exhausted)."""
 
 
+_USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s]*@")
+
+
 @dataclass
 class LLMConfig:
     """Where and how to call the model. ``url``/``model``/``api_key`` default to FVLM_LLM_URL /
-    FVLM_LLM_MODEL / FVLM_LLM_API_KEY; ``timeout`` and ``backoff`` are in seconds."""
+    FVLM_LLM_MODEL / FVLM_LLM_API_KEY; ``timeout`` (per attempt) and ``backoff`` are in seconds.
+
+    Credentials in the URL are moved out of ``url`` on construction (into HTTP Basic authentication); the
+    API key and those credentials are excluded from ``repr`` and removed from messages by :meth:`redact`.
+    """
 
     url: str = ""
     model: str = ""
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)
     cache_dir: str | Path | None = None
-    timeout: float = 120.0
-    max_retries: int = 3  # retries after the first attempt
+    timeout: float = 60.0
+    max_retries: int = 2  # retries after the first attempt (transport errors, timeouts, HTTP 429/5xx)
+    invalid_retries: int = 1  # further requests after an invalid answer (garbage or partial JSON)
     backoff: float = 1.0  # sleep backoff * 2**attempt between attempts
     workers: int = 4  # concurrent requests (local servers batch them)
     max_consecutive_errors: int = 8  # then stop calling the endpoint and fall back for the rest
+    max_response_bytes: int = 4 * 1024 * 1024  # a larger body is not read (an answer is a few kB)
+    basic_auth: tuple[str, str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url or os.environ.get("FVLM_LLM_URL", "")
@@ -90,13 +109,41 @@ class LLMConfig:
             raise ValueError("LLM backend: no endpoint URL (--llm-url or FVLM_LLM_URL), e.g. http://127.0.0.1:8000/v1")
         if not self.model:
             raise ValueError("LLM backend: no model name (--llm-model or FVLM_LLM_MODEL)")
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+            self.basic_auth = (urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or ""))
+            host = parts.netloc.rsplit("@", 1)[1]
+            self.url = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
         if not re.match(r"https?://", self.url):
-            raise ValueError(f"LLM backend: URL must start with http:// or https://, got {self.url!r}")
+            raise ValueError(f"LLM backend: URL must start with http:// or https://, got {self.redact(self.url)!r}")
+        if not self.timeout > 0:
+            raise ValueError(f"LLM backend: timeout must be > 0 seconds, got {self.timeout}")
+        for name in ("max_retries", "invalid_retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LLM backend: {name} must be >= 0, got {getattr(self, name)}")
+        if self.workers < 1 or self.max_response_bytes < 1024:
+            raise ValueError("LLM backend: workers must be >= 1 and max_response_bytes >= 1024")
 
     @property
     def endpoint(self) -> str:
+        """The chat-completions URL, without credentials (safe to log)."""
         base = self.url.rstrip("/")
         return base if base.endswith("/chat/completions") else base + "/chat/completions"
+
+    def secrets(self) -> list[str]:
+        out = [self.api_key] if self.api_key else []
+        if self.basic_auth:
+            user, password = self.basic_auth
+            out += [x for x in (f"{user}:{password}", password,
+                                urllib.parse.quote(password, safe=""), user if password else "") if len(x) >= 3]
+        return sorted(set(out), key=len, reverse=True)
+
+    def redact(self, text: object) -> str:
+        """``text`` with the API key, URL credentials and any ``scheme://userinfo@`` replaced by ``***``."""
+        s = _USERINFO.sub(r"\1***@", str(text))
+        for secret in self.secrets():
+            s = s.replace(secret, "***")
+        return s
 
 
 def _class_list(classes: tuple[str, ...]) -> str:
@@ -239,13 +286,17 @@ class LLMDecomposer:
     # ------------------------------------------------------------------------------------ HTTP
     def _post(self, messages: list[dict[str, str]]) -> str:
         """Send one chat request; returns the message content. Raises :class:`LLMError` when retries run out,
-        :class:`InvalidAnswer` when the server answers 200 with something that is not a chat completion."""
+        :class:`InvalidAnswer` when the server answers 200 with something that is not a chat completion (or a
+        body over ``max_response_bytes``). Messages never hold secrets."""
         cfg = self.config
         body = json.dumps({"model": cfg.model, "messages": messages, "temperature": 0,
                            "response_format": {"type": "json_object"}}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
+        elif cfg.basic_auth:
+            token = base64.b64encode(":".join(cfg.basic_auth).encode("utf-8")).decode("ascii")
+            headers["Authorization"] = f"Basic {token}"
         last = ""
         for attempt in range(cfg.max_retries + 1):
             if attempt:
@@ -257,22 +308,31 @@ class LLMDecomposer:
             req = urllib.request.Request(cfg.endpoint, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
-                    raw = resp.read()
+                    length = resp.headers.get("Content-Length")
+                    if length and length.isdigit() and int(length) > cfg.max_response_bytes:
+                        raise InvalidAnswer(f"response body of {int(length)} bytes exceeds max_response_bytes="
+                                            f"{cfg.max_response_bytes}: not read")
+                    raw = resp.read(cfg.max_response_bytes + 1)
+                    if len(raw) > cfg.max_response_bytes:
+                        raise InvalidAnswer(f"response body exceeds max_response_bytes={cfg.max_response_bytes}: "
+                                            f"not read further")
             except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}"
+                last = f"HTTP {e.code} {cfg.redact(e.reason)}"
                 if e.code == 429 or e.code >= 500:
                     log.debug("decompose llm: %s from %s (attempt %d), retrying", last, cfg.endpoint, attempt + 1)
                     continue
                 raise LLMError(f"{cfg.endpoint}: {last} (not retried)") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
+                last = cfg.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
+                if isinstance(e, TimeoutError) or "timed out" in last:
+                    last += f" (timeout {cfg.timeout:g} s)"
                 log.debug("decompose llm: %s (attempt %d), retrying", last, attempt + 1)
                 continue
             try:
                 data = json.loads(raw)
                 content = data["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
-                raise InvalidAnswer(f"not an OpenAI chat completion: {raw[:200]!r}") from None
+                raise InvalidAnswer(f"not an OpenAI chat completion: {cfg.redact(raw[:200])}") from None
             if not isinstance(content, str):
                 raise InvalidAnswer("message content is not a string")
             return content
@@ -299,23 +359,34 @@ class LLMDecomposer:
             with self._lock:
                 self.stats["error"] += 1
             return None, "error", "endpoint disabled after repeated errors"
-        try:
-            content = self._post(build_messages(f, i, self.anatomy_list))
-            answer = parse_answer(content, self.table)
-        except InvalidAnswer as e:
-            with self._lock:
-                self.stats["invalid"] += 1
-                self._consecutive_errors = 0
-            return None, "invalid", str(e)
-        except LLMError as e:
-            with self._lock:
-                self.stats["error"] += 1
-                self._consecutive_errors += 1
-                if self._consecutive_errors >= self.config.max_consecutive_errors and not self._circuit_open:
-                    self._circuit_open = True
-                    log.error("decompose llm: %d consecutive endpoint failures; using the rules backend for the "
-                              "remaining reports (last: %s)", self._consecutive_errors, e)
-            return None, "error", str(e)
+        answer = None
+        for attempt in range(self.config.invalid_retries + 1):
+            try:
+                content = self._post(build_messages(f, i, self.anatomy_list))
+                answer = parse_answer(content, self.table)
+                break
+            except InvalidAnswer as e:
+                with self._lock:
+                    self.stats["invalid"] += 1
+                    self._consecutive_errors = 0
+                    if attempt < self.config.invalid_retries:
+                        self.stats["retries"] += 1
+                message = self.config.redact(e)
+                if attempt < self.config.invalid_retries:
+                    log.debug("decompose llm: invalid answer (%s), asking again", message)
+                    continue
+                tries = self.config.invalid_retries + 1
+                return None, "invalid", f"{message} ({tries} answer{'s' if tries > 1 else ''} tried)"
+            except LLMError as e:
+                with self._lock:
+                    self.stats["error"] += 1
+                    self._consecutive_errors += 1
+                    if self._consecutive_errors >= self.config.max_consecutive_errors and not self._circuit_open:
+                        self._circuit_open = True
+                        log.error("decompose llm: %d consecutive endpoint failures; using the rules backend for the "
+                                  "remaining reports (last: %s)", self._consecutive_errors, self.config.redact(e))
+                return None, "error", self.config.redact(e)
+        assert answer is not None
         with self._lock:
             self.stats["ok"] += 1
             self._consecutive_errors = 0

@@ -66,7 +66,14 @@ def read_reports(paths: str | Path | list[str | Path]) -> pd.DataFrame:
         p = Path(p)
         if not p.is_file():
             raise FileNotFoundError(f"reports CSV {p} not found")
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        try:
+            df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"reports CSV {p}: empty file ({p.stat().st_size} bytes): expected a header row with "
+                             f"{list(REPORT_COLUMNS)}") from None
+        except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as e:
+            raise ValueError(f"reports CSV {p}: not a readable CSV text file ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
         missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(f"reports CSV {p}: missing columns {missing} (has {list(df.columns)}; expected the "
@@ -127,8 +134,11 @@ def decompose_reports(
             continue
         f, i = _section(findings), _section(impression)
         if scan in scans:
-            if scans[scan][1:] == (f, i):
-                summary.n_duplicate_rows += 1
+            if scans[scan][1:] == (f, i) or not (f or i):
+                summary.n_duplicate_rows += 1  # the same report, or an empty row: never replaces a report
+            elif not any(scans[scan][1:]):
+                summary.n_duplicate_rows += 1  # an empty first row does not win over a non-empty duplicate
+                scans[scan] = (str(volume), f, i)
             else:
                 summary.n_conflicting_rows += 1
                 log.warning("decompose: %s has a report that differs from the one of %s (same scan %s); using the "
@@ -157,6 +167,7 @@ def decompose_reports(
         model = LLMDecomposer(table, llm, covers)
         fallbacks = {"invalid": 0, "error": 0}
         examples: list[str] = []
+        per_report: list[dict[str, str]] = []
 
         def one(item: tuple[str, tuple[str, str, str]]) -> tuple[str, Decomposition | None, str, str]:
             scan, (volume, f, i) = item
@@ -178,13 +189,17 @@ def decompose_reports(
                 results[scan] = got
                 if status in fallbacks:
                     fallbacks[status] += 1
-                    log.info("decompose llm: %s: %s answer (%s); used the rules backend", scan, status, message)
+                    message = llm.redact(message)
+                    log.warning("decompose llm: %s (%s): %s (%s); used the rules backend", scan, scans[scan][0],
+                                "invalid answer" if status == "invalid" else "endpoint error", message)
+                    per_report.append({"scan": scan, "volume": scans[scan][0], "status": status, "message": message})
                     if len(examples) < 5:
                         examples.append(f"{scan}: {status}: {message}")
-        summary.llm = {"prompt_version": PROMPT_VERSION, "model": llm.model, "url": llm.endpoint,
-                       "cache_dir": str(llm.cache_dir or ""), **model.stats,
+        summary.llm = {"prompt_version": PROMPT_VERSION, "model": llm.model, "url": llm.redact(llm.endpoint),
+                       "cache_dir": str(llm.cache_dir or ""), "timeout": llm.timeout, "max_retries": llm.max_retries,
+                       "invalid_retries": llm.invalid_retries, **model.stats,
                        "fallback_invalid": fallbacks["invalid"], "fallback_error": fallbacks["error"],
-                       "fallback_examples": examples}
+                       "fallback_examples": examples, "fallbacks": per_report}
         if fallbacks["invalid"] or fallbacks["error"]:
             log.warning("decompose llm: %d of %d reports fell back to the rules backend (%d invalid answers, %d "
                         "endpoint errors)", fallbacks["invalid"] + fallbacks["error"], len(items),
@@ -230,9 +245,11 @@ def run_decompose_cli(args: argparse.Namespace) -> int:
             raise ValueError("fvlm decompose: --reports needs --out")
         llm = None
         if args.backend == "llm":
+            extra = {k: getattr(args, f"llm_{k}") for k in ("timeout", "max_retries", "invalid_retries")
+                     if getattr(args, f"llm_{k}", None) is not None}
             llm = LLMConfig(url=args.llm_url, model=args.llm_model,
                             cache_dir=args.llm_cache or Path(args.out) / ".llm_cache",
-                            workers=getattr(args, "llm_workers", 4) or 4)
+                            workers=getattr(args, "llm_workers", 4) or 4, **extra)
         reports = read_reports(args.reports)
         desc, conc, summary = decompose_reports(reports, table, args.backend, lexicon=getattr(args, "lexicon", None)
                                                 or None, llm=llm)
@@ -246,6 +263,16 @@ def run_decompose_cli(args: argparse.Namespace) -> int:
                 log.error("decompose: %s: %s", f["volume"], f["error"])
             log.error("decompose: %d of %d rows failed", len(summary.failures), summary.n_rows)
             code = 1
+        if llm is not None and summary.n_scans and not (summary.llm.get("ok") or summary.llm.get("cached")):
+            accept = getattr(args, "llm_accept_fallback", False)
+            (log.warning if accept else log.error)(
+                "decompose: the LLM at %s was NEVER used: all %d reports fell back to the rules backend (%d invalid "
+                "answers, %d endpoint errors; see %s)%s", llm.endpoint, summary.n_scans,
+                summary.llm.get("fallback_invalid", 0), summary.llm.get("fallback_error", 0),
+                Path(args.out) / SUMMARY_FILE, "; accepted (--llm-accept-fallback)" if accept else
+                "; exit 1 (--llm-accept-fallback accepts rules-only outputs)")
+            if not accept:
+                code = 1
     if evaluate:
         pred = getattr(args, "pred", None) or args.out
         if not pred:
