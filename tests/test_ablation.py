@@ -7,8 +7,19 @@ import json
 
 import pytest
 
-from fvlm.ablation import (MARKER, RESULT, VARIANTS, ablation_table, choose_max_length, finish_run, finished_result,
-                           paired, sign_test, t_interval, token_statistics)
+from fvlm.ablation import (
+    MARKER,
+    RESULT,
+    VARIANTS,
+    ablation_table,
+    choose_max_length,
+    finish_run,
+    finished_result,
+    paired,
+    sign_test,
+    t_interval,
+    token_statistics,
+)
 
 
 def _runs():
