@@ -7,8 +7,9 @@ Both variants use the same model weights and the same batch, in the same run:
   once and padded to the longest; on CUDA bf16 autocast;
 - **baseline** (released structure): MONAI's stock ViT forward (einsum attention), per-sample,
   per-anatomy Python loops with ``nn.MultiheadAttention`` and ``F.max_pool3d`` membership, a per-anatomy loss
-  loop with Python-built target matrices (raw text comparison), texts padded to ``max_length`` (384, as
-  released) and encoded once per anatomy per sample, fp32.
+  loop with Python-built target matrices (raw text comparison), texts really padded to 384 tokens (the
+  released ``padding="max_length"``) and encoded once per anatomy per sample with all 384 positions through the
+  BERT (no trimming), [CLS] state, fp32.
 
 Two timings: *pooling + loss* (forward + backward of membership, anatomy attention, projections and loss,
 from fixed token levels and text features) and the *whole step* (forward, loss, backward, AdamW step).
@@ -42,7 +43,7 @@ from fvlm.io import atomic_write_text
 from fvlm.loss import anatomy_contrastive_loss
 from fvlm.model import FVLM, param_groups
 from fvlm.model.anatomy_pooling import anatomy_attention, project_anatomies, token_membership
-from fvlm.model.text_encoder import encode_cls, tokenize_unique
+from fvlm.model.text_encoder import tokenize_unique
 from fvlm.text import normal_template, text_id
 
 log = logging.getLogger("benchmarks.train_step")
@@ -162,8 +163,10 @@ def baseline_forward_loss(model: FVLM, batch: dict) -> torch.Tensor:
     levels = [hidden[lv - 1] for lv in vit.levels] + [final]
     image_features = baseline_pool(model, levels, batch["mask"])
     rows = []
-    for k in range(model.num_anatomies):  # one BERT call per anatomy, texts padded to max_length
-        cls = encode_cls(model.text_encoder, batch["base_input_ids"][:, k], batch["base_attention_mask"][:, k])
+    for k in range(model.num_anatomies):  # one BERT call per anatomy over all 384 padded positions (as released)
+        out = model.text_encoder(input_ids=batch["base_input_ids"][:, k],
+                                 attention_mask=batch["base_attention_mask"][:, k])
+        cls = out.last_hidden_state[:, 0]  # [CLS], as released
         rows.append(F.normalize(model.text_proj(cls), dim=-1))
     text_features = torch.stack(rows, dim=1)
     return baseline_loss(image_features, text_features, batch["valid"], batch["is_normal"], batch["texts"],
