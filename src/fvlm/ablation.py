@@ -253,7 +253,11 @@ def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = 
         done = {(r["variant"], r["seed"]) for r in runs}
         left = [f"{v}-seed{s}" for v, s in plan if (v, s) not in done]
         summary = {"config": config, "overrides": overrides, "text_max_length": max_length,
-                   "token_statistics_train": stats_all, "plan": [f"{v}-seed{s}" for v, s in plan],
+                   "token_statistics": stats_all,
+                   "token_statistics_note": "MiniLM WordPiece tokens incl. [CLS]/[SEP]; report = whole train-split "
+                                            "reports (findings + impression, what the global variant reads); "
+                                            "anatomy texts = every scan in texts/ (train + valid)",
+                   "plan": [f"{v}-seed{s}" for v, s in plan],
                    "partial": bool(left), "left": left, "runs": runs,
                    "paired": [c for c in (paired(runs, a, b) for a, b in COMPARISONS) if c is not None]}
         atomic_write_text(results_path, json.dumps(summary, indent=2) + "\n")
