@@ -11,8 +11,11 @@ Both variants use the same model weights and the same batch, in the same run:
   released ``padding="max_length"``) and encoded once per anatomy per sample with all 384 positions through the
   BERT (no trimming), [CLS] state, fp32.
 
-Two timings: *pooling + loss* (forward + backward of membership, anatomy attention, projections and loss,
-from fixed token levels and text features) and the *whole step* (forward, loss, backward, AdamW step).
+Timings: the *vision encoder* alone and the *text side* alone (forward + backward: ours SDPA ViT vs MONAI's einsum
+ViT; ours each distinct text once, padded to the longest, vs every text of every anatomy at 384 tokens),
+*pooling + loss* (forward + backward of membership, anatomy attention, projections and loss, from fixed token
+levels and text features) and the *whole step* (forward, loss, backward, AdamW step); the parts credit the
+whole-step difference to its causes.
 Reports min and median over repeats, the variants interleaved (timings swing 2-3x on a shared machine),
 samples/s, and peak GPU memory on CUDA. A correctness check compares the two losses in eval mode.
 
@@ -327,9 +330,38 @@ def run(args: argparse.Namespace) -> dict:
             opt.zero_grad(set_to_none=True)
         return fn
 
+    # the step's two encoders alone (forward + backward), to credit the whole-step difference to its parts
+    def vision_ours():
+        with autocast():
+            out = model.visual_encoder(batch["image"])
+        sum(x.float().mean() for x in out).backward()
+        model.zero_grad(set_to_none=True)
+
+    def vision_base():
+        final, hidden = ViT.forward(model.visual_encoder, batch["image"])
+        (sum(hidden[lv - 1].mean() for lv in model.visual_encoder.levels) + final.mean()).backward()
+        model.zero_grad(set_to_none=True)
+
+    def text_ours():
+        with autocast():
+            feats = model.encode_text(batch["text_input_ids"], batch["text_attention_mask"])[batch["text_index"]]
+        feats.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def text_base():
+        rows = []
+        for k in range(model.num_anatomies):
+            out = model.text_encoder(input_ids=batch["base_input_ids"][:, k],
+                                     attention_mask=batch["base_attention_mask"][:, k])
+            rows.append(F.normalize(model.text_proj(out.last_hidden_state[:, 0]), dim=-1))
+        torch.stack(rows, dim=1).sum().backward()
+        model.zero_grad(set_to_none=True)
+
     results: dict = {}
     load_before = os.getloadavg()
-    for name, ours_fn, base_fn, setup in (("pool_loss", pool_ours, pool_base, None),
+    for name, ours_fn, base_fn, setup in (("vision", vision_ours, vision_base, None),
+                                          ("text", text_ours, text_base, None),
+                                          ("pool_loss", pool_ours, pool_base, None),
                                           ("step", step(ours_forward_loss, opt_ours, autocast),
                                            step(baseline_forward_loss, opt_base, nullcontext), reset)):
         timed = time_variants({"ours": ours_fn, "baseline": base_fn}, device, args.repeats, setup=setup)
