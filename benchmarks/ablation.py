@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     cont = f"nice -n 19 python benchmarks/ablation.py --out {args.out} --seeds {args.seeds}"
     atomic_write_text(Path(args.results), json.dumps(
         {"machine": describe_machine(), "command": " ".join(["python", *sys.argv]),
+         "status": (f"PARTIAL: {len(summary['runs'])} of {len(summary['plan'])} runs finished; the table covers only "
+                    f"those" if summary["partial"] else f"complete: {len(summary['runs'])} runs"),
          "continue_with": cont if summary["partial"] else None, **summary, "table": table}, indent=2) + "\n")
     return 0
 
