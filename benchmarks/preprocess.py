@@ -2,12 +2,17 @@
 
 Ours (fvlm.data.preprocess.process_volume, one volume at a time, one process):
     read .nii.gz -> fix v1 in memory -> check/merge label -> crop -> resample the crop -> window -> pad
-    -> store (blosc2 .b2nd)
-Baseline (the released stage order; every stage writes a file the next one reads), written lean (int16 and
-float32 arrays, never float64) so that the ratio is conservative:
-    fix (nibabel read, rescale, SimpleITK image with metadata geometry) -> write .nii.gz -> read ->
-    merge + resample the WHOLE volume (MONAI Spacing, bilinear / nearest) -> write .nii.gz -> read ->
-    crop / window to [0, 1] / pad -> write float32 .nii.gz (+ mask .nii.gz)
+    -> store (blosc2 .b2nd); timed as a whole, store write included.
+Baseline = the released stage order with the release's own library calls (the authors' data/fix_data.py,
+data/resize.py, data/preprocess.py; every stage writes a file the next one reads):
+    fix: SimpleITK read, metadata geometry, image * slope + intercept, cast int16 -> write .nii.gz;
+    merge: SimpleITK read of the label map, one comparison per merged class id -> write .nii.gz;
+    resize: MONAI LoadImaged, Resized (plain trilinear / nearest interpolation of the whole volume to
+    int(n * spacing / target) voxels) -> SaveImaged;
+    crop/window/pad: LoadImaged, Transposed, ScaleIntensityRanged to [0, 1], crop to the anatomies' box
+    + margin, label-set check, SpatialPadd -> SaveImaged (image and mask).
+Both sides report seconds per stage (read / fix / merge / resample / window = crop + window + pad + checks /
+write), so each part of the speedup can be credited to what causes it.
 Segmentation (TotalSegmentator) is excluded from both: the label maps are given.
 
 Input: ``--data ROOT`` (a CT-RATE-format root with label maps), or by default ``fvlm synth --size full`` volumes
@@ -53,65 +58,153 @@ def stats(xs: list[float]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- baseline
-def released_order(job, work: Path, data_cfg, table) -> float:
-    """The released stage order with files between stages; returns seconds (segmentation excluded)."""
-    import nibabel as nib
+class Stages:
+    """Seconds per stage (read / fix / merge / resample / window / write / other), accumulated."""
+
+    NAMES = ("read", "fix", "merge", "resample", "window", "write")
+
+    def __init__(self):
+        self.t = dict.fromkeys(self.NAMES, 0.0)
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        """Charge the time since the previous mark to ``stage``."""
+        now = time.perf_counter()
+        self.t[stage] += now - self._last
+        self._last = now
+
+
+def released_order(job, work: Path, data_cfg, table) -> tuple[float, dict[str, float]]:
+    """The released stage order (data/fix_data.py, data/resize.py, data/preprocess.py of the authors' release),
+    with the same library calls, a file between stages; returns (seconds, seconds per stage).
+
+    fix: SimpleITK read, spacing / origin / direction from the metadata, ``image * slope + intercept``, cast to
+    int16, write .nii.gz. resize: SimpleITK read of the label map, merge the anatomies' class ids (one comparison
+    per id), write; MONAI ``LoadImaged`` of image and merged mask, ``Resized`` to ``int(n * spacing / target)``
+    voxels (trilinear / nearest: plain interpolation on the voxel grid, no resampling in physical space),
+    ``SaveImaged``. preprocess: ``LoadImaged``, ``Transposed`` (0, 3, 2, 1), ``ScaleIntensityRanged`` to [0, 1],
+    crop to the anatomies' box + margin, the label-set check, ``SpatialPadd`` to the crop size, ``SaveImaged``.
+    Segmentation is excluded (the label map is given).
+    """
     import SimpleITK as sitk
     import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Spacing
+    from monai import transforms
 
-    from fvlm.data import ctrate
-    from fvlm.data.preprocess import geometry_from_affine
-
-    t0 = time.perf_counter()
-    # 1. fix (v1 only: a v2 volume is already HU): voxel array as stored, geometry and rescale from the
-    #    metadata, int16, written as .nii.gz
     md = job.metadata
-    nii = nib.load(job.image)
-    stored = np.asarray(nii.dataobj).transpose(2, 1, 0)  # as stored (int16), not get_fdata's float64: a lean baseline
-    header = geometry_from_affine(nii.affine)
-    v1 = ctrate.detect_version(header, ctrate.value_statistics(stored), md).version == "v1"
-    hu = ctrate.rescale(stored, md.slope, md.intercept) if v1 else stored.astype(np.int16)
-    img = sitk.GetImageFromArray(hu)
-    geo = md.fix_geometry() if v1 else header
-    img.SetSpacing(geo.spacing)
-    img.SetOrigin(geo.origin)
-    img.SetDirection(geo.direction)
-    fixed = work / "fixed.nii.gz"
-    sitk.WriteImage(img, str(fixed), useCompression=True)
-    del stored, hu, img
-    # 2. merge labels + resample the whole volume to data.spacing (MONAI), written as .nii.gz
-    image_nii = nib.load(str(fixed))
-    label_nii = nib.load(job.label)
-    image = MetaTensor(torch.from_numpy(np.asarray(image_nii.get_fdata(dtype=np.float32)))[None],
-                       affine=torch.from_numpy(image_nii.affine))
-    merged = table.lut[np.asarray(label_nii.dataobj).astype(np.uint8)]
-    mask = MetaTensor(torch.from_numpy(merged.astype(np.float32))[None], affine=torch.from_numpy(label_nii.affine))
-    image_r = Spacing(pixdim=data_cfg.spacing, mode="bilinear", dtype=np.float32)(image)
-    mask_r = Spacing(pixdim=data_cfg.spacing, mode="nearest", dtype=np.float32)(mask)
-    nib.save(nib.Nifti1Image(image_r[0].numpy(), image_r.affine.numpy()), str(work / "resampled.nii.gz"))
-    nib.save(nib.Nifti1Image(mask_r[0].numpy().astype(np.uint8), mask_r.affine.numpy()), str(work / "mask_r.nii.gz"))
-    del image, mask, image_r, mask_r, merged
-    # 3. crop to the anatomies' box + margin, window to [0, 1], pad, written as float32 .nii.gz
-    im = nib.load(str(work / "resampled.nii.gz"))
-    mk = nib.load(str(work / "mask_r.nii.gz"))
-    a = np.asarray(im.get_fdata(dtype=np.float32))  # (x, y, z)
-    m = np.asarray(mk.dataobj)
-    nz = np.nonzero(m)
-    margin_xyz = data_cfg.margin[::-1]
-    sl = tuple(slice(max(0, int(c.min()) - g), min(n, int(c.max()) + 1 + g)) for c, g, n in
-               zip(nz, margin_xyz, a.shape, strict=True))
+    st = Stages()
+    # 1. fix (release: data/fix_data.py)
+    image = sitk.ReadImage(job.image)
+    st.mark("read")
+    geo = md.fix_geometry()
+    image.SetSpacing(geo.spacing)
+    image.SetOrigin(geo.origin)
+    image.SetDirection(geo.direction)
+    fixed = sitk.Cast(image * md.slope + md.intercept, sitk.sitkInt16)
+    del image
+    st.mark("fix")
+    fixed_path = work / "fixed" / "vol.nii.gz"
+    fixed_path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(fixed, str(fixed_path))
+    del fixed
+    st.mark("write")
+    # 2. merge + resize (release: data/resize.py)
+    mask_img = sitk.ReadImage(job.label)
+    mask = sitk.GetArrayFromImage(mask_img)
+    st.mark("read")
+    fused = np.zeros_like(mask)
+    for k, anatomy in enumerate(table.anatomies):
+        for class_id in anatomy.class_ids:
+            fused[mask == class_id] = k + 1
+    fused_img = sitk.GetImageFromArray(fused)
+    fused_img.CopyInformation(mask_img)
+    del mask, fused
+    st.mark("merge")
+    merged_path = work / "merged" / "vol.nii.gz"
+    merged_path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(fused_img, str(merged_path))
+    del fused_img, mask_img
+    st.mark("write")
+    res = transforms.LoadImaged(keys=["image", "label"], image_only=False, ensure_channel_first=True)(
+        {"image": str(fixed_path), "label": str(merged_path)})
+    st.mark("read")
+    affine = res["image_meta_dict"]["affine"]
+    spacing = (abs(affine[0, 0].item()), abs(affine[1, 1].item()), abs(affine[2, 2].item()))
+    _, h, w, d = res["image"].shape
+    ref = tuple(float(x) for x in data_cfg.spacing)
+    scale = [spacing[i] / ref[i] for i in range(3)]
+    target = [int(h * scale[1]), int(w * scale[0]), int(d * scale[2])]  # as released (x and y spacing equal)
+    res = transforms.Resized(spatial_size=target, keys=["image"], mode="trilinear")(res)
+    res = transforms.Resized(spatial_size=target, keys=["label"], mode="nearest")(res)
+    st.mark("resample")
+    for key, sub in (("image", "resized_images"), ("label", "resized_masks")):
+        transforms.SaveImaged(keys=[key], output_dir=str(work / sub), output_postfix="", separate_folder=False,
+                              resample=False, print_log=False)(res)
+    del res
+    st.mark("write")
+    # 3. crop / window / pad (release: data/preprocess.py)
+    resized_img = next((work / "resized_images").glob("*.nii.gz"))
+    resized_msk = next((work / "resized_masks").glob("*.nii.gz"))
+    data = transforms.LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True)(
+        {"image": str(resized_img), "label": str(resized_msk)})
+    st.mark("read")
+    data = transforms.Transposed(keys=["image", "label"], indices=(0, 3, 2, 1))(data)
     low, high = data_cfg.hu_window
-    a = np.clip((a[sl] - low) / (high - low), 0, 1).astype(np.float32)
-    m = m[sl]
-    need = [max(0, c - n) for c, n in zip(data_cfg.crop_size[::-1], a.shape, strict=True)]
-    pad = [(k // 2, k - k // 2) for k in need]
-    a = np.pad(a, pad)
-    m = np.pad(m, pad)
-    nib.save(nib.Nifti1Image(a, im.affine), str(work / "image.nii.gz"))
-    nib.save(nib.Nifti1Image(m, mk.affine), str(work / "mask.nii.gz"))
-    return time.perf_counter() - t0
+    data = transforms.ScaleIntensityRanged(keys=["image"], a_min=low, a_max=high, b_min=0.0, b_max=1.0,
+                                           clip=True)(data)
+    image, label = data["image"], data["label"]
+    before = label.unique()
+    coords = np.nonzero(np.asarray(label[0]))
+    lo = torch.from_numpy(np.min(coords, axis=1))
+    hi = torch.from_numpy(np.max(coords, axis=1))
+    ext = torch.tensor(list(data_cfg.margin))
+    lo = torch.maximum(lo - ext, torch.zeros(3, dtype=lo.dtype))
+    hi = torch.minimum(hi + ext, torch.tensor(image.shape[1:]))
+    data["image"] = image[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    data["label"] = label[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    assert torch.all(before == data["label"].unique())
+    for key in ("image", "label"):
+        data = transforms.SpatialPadd(keys=[key], spatial_size=tuple(data_cfg.crop_size), mode="constant",
+                                      constant_values=0)(data)
+    st.mark("window")
+    for key, sub in (("image", "processed_images"), ("label", "processed_masks")):
+        transforms.SaveImaged(keys=[key], output_dir=str(work / sub), output_postfix="", separate_folder=False,
+                              resample=False, print_log=False)(data)
+    st.mark("write")
+    return sum(st.t.values()), {k: round(v, 3) for k, v in st.t.items()}
+
+
+def ours_with_stages(job, out: Path, data_cfg, table):
+    """Our pass (``process_volume``) with its own functions timed: read (read_nifti), fix (version detection),
+    merge (anatomies' box from the label map), resample (_resample), write (store.write_volume); the rest of
+    the in-memory pass (crop, merge look-up, window, pad, checks) is ``window``."""
+    from fvlm.data import ctrate, store
+    from fvlm.data import preprocess as pre
+
+    acc = dict.fromkeys(Stages.NAMES, 0.0)
+    patches = [(pre, "read_nifti", "read"), (ctrate, "value_statistics", "fix"), (ctrate, "detect_version", "fix"),
+               (pre, "class_bounding_box", "merge"), (pre, "_resample", "resample"), (store, "write_volume", "write")]
+    saved = []
+    for mod, name, stage in patches:
+        fn = getattr(mod, name)
+        saved.append((mod, name, fn))
+
+        def timed(*a, _fn=fn, _stage=stage, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc[_stage] += time.perf_counter() - t
+
+        setattr(mod, name, timed)
+    try:
+        t0 = time.perf_counter()
+        res = pre.process_volume(job, out, data_cfg, table)
+        total = time.perf_counter() - t0  # includes the store write (res.seconds does not)
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+    acc["window"] = total - sum(acc.values())
+    return res, total, {k: round(v, 3) for k, v in acc.items()}
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -172,7 +265,6 @@ def main(argv=None) -> int:
 
     from fvlm.anatomy import load_anatomy_table
     from fvlm.config import load_config
-    from fvlm.data import preprocess
 
     cfg = load_config(args.config)
     table = load_anatomy_table(cfg.data.anatomy_table)
@@ -186,23 +278,33 @@ def main(argv=None) -> int:
             raise SystemExit(f"no volumes with label maps and metadata in {root}")
         import monai  # noqa: F401  (import cost, 3-5 s, excluded from the baseline's timings)
 
+        # warm-up, untimed: first-call costs (lazy imports, codec set-up) are paid by neither side's numbers
+        ours_with_stages(jobs[0], tmp / "warm", cfg.data, table)
+        if not args.skip_baseline:
+            (tmp / "warm_base").mkdir()
+            released_order(jobs[0], tmp / "warm_base", cfg.data, table)
+        shutil.rmtree(tmp / "warm", ignore_errors=True)
+        shutil.rmtree(tmp / "warm_base", ignore_errors=True)
         volumes = []
         ours_all, base_all = [], []
         for job in jobs:
             info = {"volume": job.volume, "input_mb": round(Path(job.image).stat().st_size / 1e6, 1)}
-            ours, base = [], []
+            ours, base, ours_st, base_st = [], [], [], []
             for r in range(args.repeats):
                 out = tmp / f"ours_{r}"
-                res = preprocess.process_volume(job, out, cfg.data, table)
+                res, seconds, st = ours_with_stages(job, out, cfg.data, table)
                 if res.status != "ok":
                     raise SystemExit(f"{job.volume}: {res.error}")
-                ours.append(res.seconds)
+                ours.append(seconds)
+                ours_st.append(st)
                 meta = json.loads((out / job.split / job.volume / "meta.json").read_text())
                 shutil.rmtree(out)
                 if not args.skip_baseline:
                     work = tmp / "baseline"
                     work.mkdir(exist_ok=True)
-                    base.append(released_order(job, work, cfg.data, table))
+                    seconds, st = released_order(job, work, cfg.data, table)
+                    base.append(seconds)
+                    base_st.append(st)
                     shutil.rmtree(work)
                 log.info("%s repeat %d: ours %.2f s%s", job.volume, r, ours[-1],
                          f", released order {base[-1]:.2f} s" if base else "")
@@ -211,8 +313,11 @@ def main(argv=None) -> int:
             info["version"] = meta["source"]["version"]
             info["output_shape_zyx"] = meta["shape"]
             info["ours_s"] = stats(ours)
+            info["ours_stages_s_median"] = {k: round(statistics.median(x[k] for x in ours_st), 3) for k in Stages.NAMES}
             if base:
                 info["released_order_s"] = stats(base)
+                info["released_order_stages_s_median"] = {k: round(statistics.median(x[k] for x in base_st), 3)
+                                                          for k in Stages.NAMES}
                 info["speedup_median"] = round(statistics.median(base) / statistics.median(ours), 2)
             info["read_input_s"] = time_reads(job.image, args.repeats)
             volumes.append(info)

@@ -7,11 +7,15 @@ Both variants use the same model weights and the same batch, in the same run:
   once and padded to the longest; on CUDA bf16 autocast;
 - **baseline** (released structure): MONAI's stock ViT forward (einsum attention), per-sample,
   per-anatomy Python loops with ``nn.MultiheadAttention`` and ``F.max_pool3d`` membership, a per-anatomy loss
-  loop with Python-built target matrices (raw text comparison), texts padded to ``max_length`` (384, as
-  released) and encoded once per anatomy per sample, fp32.
+  loop with Python-built target matrices (raw text comparison), texts really padded to 384 tokens (the
+  released ``padding="max_length"``) and encoded once per anatomy per sample with all 384 positions through the
+  BERT (no trimming), [CLS] state, fp32.
 
-Two timings: *pooling + loss* (forward + backward of membership, anatomy attention, projections and loss,
-from fixed token levels and text features) and the *whole step* (forward, loss, backward, AdamW step).
+Timings: the *vision encoder* alone and the *text side* alone (forward + backward: ours SDPA ViT vs MONAI's einsum
+ViT; ours each distinct text once, padded to the longest, vs every text of every anatomy at 384 tokens),
+*pooling + loss* (forward + backward of membership, anatomy attention, projections and loss, from fixed token
+levels and text features) and the *whole step* (forward, loss, backward, AdamW step); the parts credit the
+whole-step difference to its causes.
 Reports min and median over repeats, the variants interleaved (timings swing 2-3x on a shared machine),
 samples/s, and peak GPU memory on CUDA. A correctness check compares the two losses in eval mode.
 
@@ -42,7 +46,7 @@ from fvlm.io import atomic_write_text
 from fvlm.loss import anatomy_contrastive_loss
 from fvlm.model import FVLM, param_groups
 from fvlm.model.anatomy_pooling import anatomy_attention, project_anatomies, token_membership
-from fvlm.model.text_encoder import encode_cls, tokenize_unique
+from fvlm.model.text_encoder import tokenize_unique
 from fvlm.text import normal_template, text_id
 
 log = logging.getLogger("benchmarks.train_step")
@@ -162,8 +166,10 @@ def baseline_forward_loss(model: FVLM, batch: dict) -> torch.Tensor:
     levels = [hidden[lv - 1] for lv in vit.levels] + [final]
     image_features = baseline_pool(model, levels, batch["mask"])
     rows = []
-    for k in range(model.num_anatomies):  # one BERT call per anatomy, texts padded to max_length
-        cls = encode_cls(model.text_encoder, batch["base_input_ids"][:, k], batch["base_attention_mask"][:, k])
+    for k in range(model.num_anatomies):  # one BERT call per anatomy over all 384 padded positions (as released)
+        out = model.text_encoder(input_ids=batch["base_input_ids"][:, k],
+                                 attention_mask=batch["base_attention_mask"][:, k])
+        cls = out.last_hidden_state[:, 0]  # [CLS], as released
         rows.append(F.normalize(model.text_proj(cls), dim=-1))
     text_features = torch.stack(rows, dim=1)
     return baseline_loss(image_features, text_features, batch["valid"], batch["is_normal"], batch["texts"],
@@ -324,9 +330,38 @@ def run(args: argparse.Namespace) -> dict:
             opt.zero_grad(set_to_none=True)
         return fn
 
+    # the step's two encoders alone (forward + backward), to credit the whole-step difference to its parts
+    def vision_ours():
+        with autocast():
+            out = model.visual_encoder(batch["image"])
+        sum(x.float().mean() for x in out).backward()
+        model.zero_grad(set_to_none=True)
+
+    def vision_base():
+        final, hidden = ViT.forward(model.visual_encoder, batch["image"])
+        (sum(hidden[lv - 1].mean() for lv in model.visual_encoder.levels) + final.mean()).backward()
+        model.zero_grad(set_to_none=True)
+
+    def text_ours():
+        with autocast():
+            feats = model.encode_text(batch["text_input_ids"], batch["text_attention_mask"])[batch["text_index"]]
+        feats.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def text_base():
+        rows = []
+        for k in range(model.num_anatomies):
+            out = model.text_encoder(input_ids=batch["base_input_ids"][:, k],
+                                     attention_mask=batch["base_attention_mask"][:, k])
+            rows.append(F.normalize(model.text_proj(out.last_hidden_state[:, 0]), dim=-1))
+        torch.stack(rows, dim=1).sum().backward()
+        model.zero_grad(set_to_none=True)
+
     results: dict = {}
     load_before = os.getloadavg()
-    for name, ours_fn, base_fn, setup in (("pool_loss", pool_ours, pool_base, None),
+    for name, ours_fn, base_fn, setup in (("vision", vision_ours, vision_base, None),
+                                          ("text", text_ours, text_base, None),
+                                          ("pool_loss", pool_ours, pool_base, None),
                                           ("step", step(ours_forward_loss, opt_ours, autocast),
                                            step(baseline_forward_loss, opt_base, nullcontext), reset)):
         timed = time_variants({"ours": ours_fn, "baseline": base_fn}, device, args.repeats, setup=setup)

@@ -1,24 +1,35 @@
-"""The paper's claim in miniature: global vs anatomy-wise alignment, and the two false-negative reductions.
+"""The paper's claim in miniature: global vs anatomy-wise alignment and the false-negative reductions.
 
     fvlm demo --ablation --out ablation_out          (or: python benchmarks/ablation.py)
 
-Same synthetic data, same preprocessing and the same training budget for every variant, several seeds:
+Same synthetic data, same preprocessing, the same training budget and the same text length for every
+variant, several seeds:
 
 - ``global``: CT-CLIP-style, whole crop vs whole report, standard InfoNCE (identity targets);
 - ``anatomy``: anatomy-wise alignment, no false-negative reduction (identity targets);
 - ``anatomy+normal``: + normal samples of an anatomy are mutual positives;
-- ``anatomy+normal+text``: + identical texts are positives (the released rule, fVLM).
+- ``anatomy+normal+text``: + identical texts are positives (the released rule, fVLM);
+- ``anatomy+normal+text+coteach``: + co-teaching of two models for abnormal samples (docs/co-teaching.md).
 
-Writes ``OUT/ablation.json`` (per run: variant, seed, macro AUC, per-label AUC, seconds) and returns a
-markdown table of mean +- sd macro AUC per variant.
+Text length: ``model.text.max_length`` is set for all variants to the smallest multiple of 32 that holds the
+longest report and anatomy text of the data (capped by the text model's positions), so that no variant
+loses text; the token statistics are returned with the results.
+
+Each run writes ``OUT/runs/<variant>-seed<s>/result.json`` and then, last and atomically, ``DONE.json`` (the
+completion marker, naming what produced it). A run counts as finished only when its marker exists; a run
+with checkpoints but no marker is resumed (``--resume``), not trusted. ``OUT/ablation.json`` collects the
+finished runs, what is left, the token statistics and the paired statistics, rewritten after every run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
+import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,52 +37,191 @@ from fvlm.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+_BASE = ["loss.co_teaching=false"]
 VARIANTS: dict[str, list[str]] = {
-    "global": ["loss.mode=global", "loss.normal_positives=false", "loss.same_text_positives=false"],
-    "anatomy": ["loss.mode=anatomy", "loss.normal_positives=false", "loss.same_text_positives=false"],
-    "anatomy+normal": ["loss.mode=anatomy", "loss.normal_positives=true", "loss.same_text_positives=false"],
-    "anatomy+normal+text": ["loss.mode=anatomy", "loss.normal_positives=true", "loss.same_text_positives=true"],
+    "global": ["loss.mode=global", "loss.normal_positives=false", "loss.same_text_positives=false", *_BASE],
+    "anatomy": ["loss.mode=anatomy", "loss.normal_positives=false", "loss.same_text_positives=false", *_BASE],
+    "anatomy+normal": ["loss.mode=anatomy", "loss.normal_positives=true", "loss.same_text_positives=false", *_BASE],
+    "anatomy+normal+text": ["loss.mode=anatomy", "loss.normal_positives=true", "loss.same_text_positives=true",
+                            *_BASE],
+    "anatomy+normal+text+coteach": ["loss.mode=anatomy", "loss.normal_positives=true",
+                                    "loss.same_text_positives=true", "loss.co_teaching=true"],
 }
+MARKER = "DONE.json"
+RESULT = "result.json"
 
 
-def ablation_table(runs: list[dict[str, Any]], reference: str = "anatomy") -> str:
-    """Markdown table: variant, runs, mean +- sd macro AUC, the paired difference to ``reference`` (same seed,
-    so the seed-to-seed spread that all variants share cancels), per-seed values."""
-    by_seed = {(r["variant"], r["seed"]): r["macro_auc"] for r in runs}
-    lines = [f"| variant | runs | macro AUC mean +- sd | paired difference to {reference} (mean +- sd) | per seed |",
-             "|---|---|---|---|---|"]
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def sign_test(diffs: list[float]) -> float:
+    """Two-sided exact sign test p-value (zeros dropped); 1.0 without non-zero differences."""
+    pos = sum(d > 0 for d in diffs)
+    n = pos + sum(d < 0 for d in diffs)
+    if n == 0:
+        return 1.0
+    k = min(pos, n - pos)
+    p = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * p)
+
+
+def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t confidence interval of the mean of ``diffs`` (NaNs with fewer than 2 values)."""
+    if len(diffs) < 2:
+        return (float("nan"), float("nan"))
+    from scipy import stats
+
+    m, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    h = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return (m - h, m + h)
+
+
+def paired(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    """Seed-paired differences ``b - a`` of macro AUC: mean, sd, 95 % t interval, wins, sign test."""
+    auc = {(r["variant"], r["seed"]): r["macro_auc"] for r in runs}
+    seeds = sorted(s for v, s in auc if v == b and (a, s) in auc)
+    if not seeds:
+        return None
+    diffs = [auc[(b, s)] - auc[(a, s)] for s in seeds]
+    ci = list(t_interval(diffs)) if len(diffs) > 1 else None
+    return {"a": a, "b": b, "seeds": seeds, "diffs": diffs, "mean": statistics.mean(diffs),
+            "sd": statistics.stdev(diffs) if len(diffs) > 1 else None, "ci95_t": ci,
+            "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs), "sign_test_p": sign_test(diffs)}
+
+
+COMPARISONS = [("global", "anatomy"), ("anatomy", "anatomy+normal"), ("anatomy+normal", "anatomy+normal+text"),
+               ("anatomy+normal+text", "anatomy+normal+text+coteach"), ("anatomy", "anatomy+normal+text"),
+               ("anatomy", "anatomy+normal+text+coteach")]
+
+
+def ablation_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: per variant runs / mean +- sd / per seed; then the seed-paired comparisons."""
+    lines = ["| variant | runs | macro AUC mean +- sd | per seed (seed: AUC) |", "|---|---|---|---|"]
     for variant in VARIANTS:
-        seeds = sorted(s for v, s in by_seed if v == variant)
-        if not seeds:
+        rs = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+        if not rs:
             continue
-        aucs = [by_seed[(variant, s)] for s in seeds]
-        sd = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
-        diffs = [by_seed[(variant, s)] - by_seed[(reference, s)] for s in seeds if (reference, s) in by_seed]
-        if variant == reference or not diffs:
-            paired = "-"
-        else:
-            paired = f"{statistics.mean(diffs):+.3f} +- {statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.3f}"
-        lines.append(f"| {variant} | {len(aucs)} | {statistics.mean(aucs):.3f} +- {sd:.3f} | {paired} | "
-                     + ", ".join(f"{a:.3f}" for a in aucs) + " |")
+        aucs = [r["macro_auc"] for r in rs]
+        sd = f"{statistics.stdev(aucs):.3f}" if len(aucs) > 1 else "-"
+        lines.append(f"| {variant} | {len(rs)} | {statistics.mean(aucs):.3f} +- {sd} | "
+                     + ", ".join(f"{r['seed']}: {r['macro_auc']:.3f}" for r in rs) + " |")
+    comps = [c for c in (paired(runs, a, b) for a, b in COMPARISONS) if c is not None]
+    if comps:
+        lines += ["", "| comparison (same seeds) | pairs | mean difference | 95 % CI (t) | wins / losses | "
+                      "sign test p (two-sided) |", "|---|---|---|---|---|---|"]
+        for c in comps:
+            ci = "-" if c["ci95_t"] is None else f"[{c['ci95_t'][0]:+.3f}, {c['ci95_t'][1]:+.3f}]"
+            lines.append(f"| {c['b']} - {c['a']} | {len(c['diffs'])} | {c['mean']:+.3f} | {ci} | "
+                         f"{c['wins']} / {c['losses']} | {c['sign_test_p']:.3f} |")
     return "\n".join(lines)
 
 
-def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = None, seed: int = 0,
-                 seeds: int = 3, n_train: int = 0, n_valid: int = 0, workers: int = 2,
-                 variants: list[str] | None = None) -> str:
-    """Train and evaluate every variant with ``seeds`` seeds on one synthetic data set; returns the table."""
-    import pandas as pd
+# ------------------------------------------------------------------------------------------ text lengths
 
+
+def _describe(lengths: list[int], limits: list[int]) -> dict[str, Any]:
+    s = sorted(lengths)
+    q = statistics.quantiles(s, n=20) if len(s) > 1 else [s[0]] * 19
+    return {"n": len(s), "min": s[0], "median": statistics.median(s), "p95": q[18], "max": s[-1],
+            **{f"truncated_at_{lim}": sum(x > lim for x in s) / len(s) for lim in limits}}
+
+
+def token_lengths(processed: Path, split: str, tokenizer: Any, anatomies: list[str]) -> dict[str, list[int]]:
+    """Token lengths ([CLS] and [SEP] included) of the whole reports (``report``) and of each anatomy's texts."""
+    from fvlm.data.dataset import _report_texts
+    from fvlm.text import AnatomyTexts
+
+    def lengths(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+
+    out = {"report": lengths([t for t in _report_texts(processed, split).values() if t])}
+    texts = AnatomyTexts.load(processed / "texts")
+    scans = sorted(set(texts.desc) | set(texts.conc))
+    for name in anatomies:
+        out[name] = lengths([texts.get(s, name).text for s in scans])
+    return out
+
+
+def token_statistics(lengths: dict[str, list[int]], limits: list[int]) -> dict[str, Any]:
+    """min / median / p95 / max and the fraction longer than each limit, per kind of text."""
+    return {k: _describe(v, limits) for k, v in lengths.items()}
+
+
+def choose_max_length(lengths: dict[str, list[int]], model_max: int) -> int:
+    """The smallest multiple of 32 holding every text, at most the text model's positions."""
+    longest = max(max(v) for v in lengths.values())
+    return min(model_max, 32 * math.ceil(longest / 32))
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                              capture_output=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def finished_result(run: Path) -> dict[str, Any] | None:
+    """The result of a run whose completion marker exists, else ``None``."""
+    if not (run / MARKER).is_file() or not (run / RESULT).is_file():
+        return None
+    return json.loads((run / RESULT).read_text())
+
+
+def finish_run(run: Path, cfg: Any, processed: Path, labels: Any, variant: str, seed: int) -> dict[str, Any]:
+    """Train (or resume) one run to the end of its schedule, evaluate it, write ``result.json`` and then the
+    completion marker; a run whose marker exists is returned as stored, untouched."""
+    from fvlm import __version__
     from fvlm.checkpoint import latest_checkpoint
-    from fvlm.config import load_config
-    from fvlm.demo import DEMO_MAX_RECONSTRUCTIONS, DEMO_TRAIN_PATIENTS, DEMO_VALID_PATIENTS, _preprocess
     from fvlm.metrics import compute_metrics
-    from fvlm.synth import synthesize
     from fvlm.train import train
     from fvlm.zeroshot import evaluate
 
+    stored = finished_result(run)
+    if stored is not None:
+        return stored
+    t0 = time.perf_counter()
+    # a checkpoint is not a finished run: resume it to the end of its schedule (a no-op if it is complete)
+    train(cfg, processed, run, resume=latest_checkpoint(run) is not None)
+    scores = evaluate(run, processed, "valid", run / "scores.csv")
+    metrics = compute_metrics(scores, labels)
+    result = {"variant": variant, "seed": seed, "macro_auc": metrics["macro"]["auc"],
+              "auc": {k: (v["auc"] if v["auc"] == v["auc"] else None)  # NaN (one class) -> null
+                      for k, v in metrics["labels"].items()},
+              "seconds": round(time.perf_counter() - t0, 1), "text_max_length": cfg.model.text.max_length}
+    atomic_write_text(run / RESULT, json.dumps(result, indent=2) + "\n")
+    marker = {"produced_by": f"fvlm.ablation.finish_run (fvlm {__version__}, git {_git_rev()})",
+              "variant": variant, "seed": seed, "result": RESULT,
+              "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(run / MARKER, json.dumps(marker, indent=2) + "\n")  # last: the run is finished
+    return result
+
+
+def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = None, seed: int = 0,
+                 seeds: int = 5, n_train: int = 0, n_valid: int = 0, workers: int = 2,
+                 variants: list[str] | None = None, max_runs: int | None = None) -> str:
+    """Train and evaluate every variant x seed on one synthetic data set (seed-major order, so that paired
+    comparisons are available early); finished runs are skipped. Returns the markdown table.
+
+    ``max_runs``: train at most that many new runs (0 = only collect the finished ones; ``None`` = all).
+    """
+    import pandas as pd
+
+    from fvlm.anatomy import load_anatomy_table
+    from fvlm.config import load_config
+    from fvlm.demo import DEMO_MAX_RECONSTRUCTIONS, DEMO_TRAIN_PATIENTS, DEMO_VALID_PATIENTS, _preprocess
+    from fvlm.model.text_encoder import load_tokenizer
+    from fvlm.synth import synthesize
+
     out = Path(out)
     overrides = list(overrides or [])
+    variants = variants or list(VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown ablation variants {unknown}; known: {list(VARIANTS)}")
     data, processed = out / "data", out / "processed"
     if not (data / "synth_info.json").exists():
         synthesize(data, n_train=n_train or DEMO_TRAIN_PATIENTS, n_valid=n_valid or DEMO_VALID_PATIENTS, seed=seed,
@@ -79,28 +229,55 @@ def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = 
     for split in ("train", "valid"):
         _preprocess(data, processed, config, [o for o in overrides if o.startswith("data.")], split, workers)
     labels = pd.read_csv(processed / "labels" / "valid_labels.csv")
+
+    base = load_config(config, overrides)
+    tokenizer = load_tokenizer(base.model.text.tokenizer or base.model.text.pretrained)
+    anatomies = list(load_anatomy_table(base.data.anatomy_table).names)
+    lengths = token_lengths(processed, "train", tokenizer, anatomies)
+    model_max = min(512, int(getattr(tokenizer, "model_max_length", 512) or 512))
+    if any(o.startswith("model.text.max_length=") for o in overrides):
+        max_length = base.model.text.max_length
+    else:
+        max_length = choose_max_length(lengths, model_max)
+        overrides = overrides + [f"model.text.max_length={max_length}"]
+    stats_all = token_statistics(lengths, sorted({96, max_length}))
+    log.info("ablation: text max_length %d (longest text %d tokens)", max_length,
+             max(v["max"] for v in stats_all.values()))
+
+    plan = [(v, s) for s in range(seeds) for v in variants]
     results_path = out / "ablation.json"
-    runs: list[dict[str, Any]] = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
-    done = {(r["variant"], r["seed"]) for r in runs}
-    for variant in variants or list(VARIANTS):
-        for s in range(seeds):
-            if (variant, s) in done:
-                log.info("ablation %s seed %d: done already", variant, s)
-                continue
-            run = out / "runs" / f"{variant}-seed{s}"
-            cfg = load_config(config, overrides + VARIANTS[variant] + [f"train.seed={s}"])
-            t0 = time.perf_counter()
-            if latest_checkpoint(run) is None:
-                train(cfg, processed, run)
-            scores = evaluate(run, processed, "valid", run / "scores.csv")
-            metrics = compute_metrics(scores, labels)
-            runs.append({"variant": variant, "seed": s, "macro_auc": metrics["macro"]["auc"],
-                         "auc": {k: (v["auc"] if v["auc"] == v["auc"] else None)  # NaN (one class) -> null
-                                 for k, v in metrics["labels"].items()},
-                         "seconds": round(time.perf_counter() - t0, 1)})
-            log.info("ablation %s seed %d: macro AUC %.3f", variant, s, runs[-1]["macro_auc"])
-            atomic_write_text(results_path, json.dumps({"config": config, "overrides": overrides, "runs": runs},
-                                                       indent=2) + "\n")
+    runs: list[dict[str, Any]] = []
+    new = 0
+
+    def write_summary() -> None:
+        done = {(r["variant"], r["seed"]) for r in runs}
+        left = [f"{v}-seed{s}" for v, s in plan if (v, s) not in done]
+        summary = {"config": config, "overrides": overrides, "text_max_length": max_length,
+                   "token_statistics": stats_all,
+                   "token_statistics_note": "MiniLM WordPiece tokens incl. [CLS]/[SEP]; report = whole train-split "
+                                            "reports (findings + impression, what the global variant reads); "
+                                            "anatomy texts = every scan in texts/ (train + valid)",
+                   "plan": [f"{v}-seed{s}" for v, s in plan],
+                   "partial": bool(left), "left": left, "runs": runs,
+                   "paired": [c for c in (paired(runs, a, b) for a, b in COMPARISONS) if c is not None]}
+        atomic_write_text(results_path, json.dumps(summary, indent=2) + "\n")
+
+    for variant, s in plan:
+        run = out / "runs" / f"{variant}-seed{s}"
+        result = finished_result(run)
+        if result is not None:
+            log.info("ablation %s seed %d: finished already (%s)", variant, s, run / MARKER)
+            runs.append(result)
+            continue
+        if max_runs is not None and new >= max_runs:
+            continue
+        cfg = load_config(config, overrides + VARIANTS[variant] + [f"train.seed={s}"])
+        result = finish_run(run, cfg, processed, labels, variant, s)
+        runs.append(result)
+        new += 1
+        log.info("ablation %s seed %d: macro AUC %.3f (%.0f s)", variant, s, result["macro_auc"], result["seconds"])
+        write_summary()
+    write_summary()
     table = ablation_table(runs)
     print(table)  # noqa: T201  (the product of this command)
     return table

@@ -102,6 +102,10 @@ class LossConfig:
     mode: str = "anatomy"  # "anatomy" (fVLM) or "global" (CT-CLIP-style whole volume vs whole report)
     normal_positives: bool = True  # false-negative reduction (a): normal samples of an anatomy are positives
     same_text_positives: bool = True  # false-negative reduction (b): identical texts are positives
+    # co-teaching (the paper's abnormal-sample reduction, our reading: docs/co-teaching.md): two models trained
+    # alternately, each softening the other's targets of abnormal samples with its predicted similarities
+    co_teaching: bool = False
+    co_teaching_alpha: float = 0.5
 
 
 @dataclass
@@ -158,6 +162,8 @@ class Config:
             raise ValueError(f"model.vision.width={v.width} must be divisible by heads and pool_heads")
         if self.loss.mode not in ("anatomy", "global"):
             raise ValueError(f"loss.mode must be 'anatomy' or 'global', got {self.loss.mode!r}")
+        if not 0.0 <= self.loss.co_teaching_alpha <= 1.0:
+            raise ValueError(f"loss.co_teaching_alpha must lie in [0, 1], got {self.loss.co_teaching_alpha}")
         if self.model.text.cache_frozen and not self.model.text.freeze_layers:
             raise ValueError("model.text.cache_frozen needs model.text.freeze_layers > 0 (only frozen layers cache)")
         if self.model.text.pooling not in ("cls", "mean"):

@@ -10,6 +10,10 @@ For each anatomy k, over the global batch (all ranks):
 4. loss_k = (CE(softmax(I T^T / temp), S) + CE(softmax(T I^T / temp), S)) / 2, soft-target cross entropy
    averaged over the valid rows.
 
+Optional co-teaching (``loss.co_teaching``, :mod:`fvlm.coteach`): the rows of abnormal samples are softened
+with a peer model's predicted similarities, ``S_i <- (1 - alpha) S_i + alpha P_i`` (see
+:func:`co_teaching_targets` and docs/co-teaching.md).
+
 The total is the sum over anatomies. Everything is vectorised over anatomies with masks (static shapes
 (A, N, N)); a pure function of tensors (no strings, tokenizer or numpy).
 
@@ -63,6 +67,33 @@ def false_negative_targets(is_normal: torch.Tensor, text_id: torch.Tensor, norma
     return pos / pos.sum(dim=-1, keepdim=True)
 
 
+def _masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Row softmax over valid columns (A, N, N); rows and columns of invalid samples are 0."""
+    masked = logits.masked_fill(~valid[:, None, :], float("-inf")).masked_fill(~valid[:, :, None], 0.0)
+    return F.softmax(masked, dim=-1).masked_fill(~(valid[:, :, None] & valid[:, None, :]), 0.0)
+
+
+def co_teaching_targets(targets: torch.Tensor, peer_logits: torch.Tensor, valid: torch.Tensor,
+                        is_normal: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Soften the target rows of abnormal samples with a peer model's predicted similarities.
+
+    ``T_i = (1 - alpha) * S_i + alpha * softmax_j(peer_logits_ij)`` (softmax over the valid columns) for every
+    valid row i whose sample is abnormal; other rows keep ``S_i``. Rows still sum to 1.
+
+    Args:
+        targets: (A, N, N) plain targets S (rows sum to 1 over valid columns).
+        peer_logits: (A, N, N) the peer's similarity / temperature in the same direction (image->text or
+            text->image); no gradient flows into it.
+        valid, is_normal: bool (A, N). alpha: weight of the peer, in [0, 1]; 0 returns ``targets``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"co-teaching alpha must lie in [0, 1], got {alpha}")
+    peer = _masked_softmax(peer_logits.detach().float(), valid)
+    soft = (1.0 - alpha) * targets + alpha * peer
+    rows = (valid & ~is_normal.bool())[:, :, None]
+    return torch.where(rows, soft, targets)
+
+
 def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Same value as ``x``; gradient multiplied by ``scale``."""
     return x.detach() + (x - x.detach()) * scale
@@ -92,6 +123,10 @@ def anatomy_contrastive_loss(
     same_text_positives: bool = True,
     anatomy_names: Sequence[str] | None = None,
     gather: bool = True,
+    peer_image_features: torch.Tensor | None = None,
+    peer_text_features: torch.Tensor | None = None,
+    peer_temperature: torch.Tensor | float | None = None,
+    co_teaching_alpha: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Anatomy-wise soft-target InfoNCE over the global batch.
 
@@ -103,6 +138,9 @@ def anatomy_contrastive_loss(
         normal_positives, same_text_positives: the two false-negative reductions.
         anatomy_names: A names for the per-anatomy terms (default "0", "1", ...).
         gather: gather all ranks' samples when a process group of more than one process is active.
+        peer_image_features, peer_text_features, peer_temperature: co-teaching: the peer model's features
+            (B, A, E) of the same batch and its temperature (no gradient); gathered like the main features.
+        co_teaching_alpha: weight of the peer's similarities in the targets of abnormal samples.
     Returns:
         ``"loss"``: 0-d, the sum over active anatomies (global batch; same value on every rank);
         ``"loss/{name}"``: 0-d detached term of each anatomy (0 if skipped);
@@ -120,11 +158,20 @@ def anatomy_contrastive_loss(
         raise ValueError(f"{len(names)} anatomy names for {a} anatomies")
     if not torch.is_tensor(temperature):
         temperature = torch.tensor(float(temperature), device=image_features.device)
+    peer = peer_image_features is not None
+    if peer and (peer_text_features is None or peer_temperature is None
+                 or peer_image_features.shape != image_features.shape
+                 or peer_text_features.shape != text_features.shape):
+        raise ValueError("co-teaching needs peer image and text features of the main features' shape and a "
+                         "peer temperature")
     local = image_features.sum() + text_features.sum()
     temp = temperature
     if gather and is_distributed():
-        image_features, text_features, valid, is_normal, text_id = gather_features(
-            image_features, text_features, valid, is_normal, text_id)
+        extra = (peer_image_features.detach(), peer_text_features.detach()) if peer else ()
+        image_features, text_features, valid, is_normal, text_id, *extra = gather_features(
+            image_features, text_features, valid, is_normal, text_id, *extra)
+        if peer:
+            peer_image_features, peer_text_features = extra
         temp = _scale_grad(temperature, 1.0 / world_size())
 
     # anatomies first: (A, N, ...); the loss is computed in float32 whatever the autocast dtype
@@ -144,8 +191,15 @@ def anatomy_contrastive_loss(
     # float32 even inside an autocast region (bmm would otherwise run in bf16: logits up to 1 / temp_min)
     with torch.autocast(img.device.type, enabled=False):
         logits = torch.bmm(img, txt.transpose(1, 2)) / temp.float()  # (A, N, N): image i vs text j
-        i2t = _soft_cross_entropy(logits, targets, v)
-        t2i = _soft_cross_entropy(logits.transpose(1, 2), targets, v)
+        targets_i2t = targets_t2i = targets
+        if peer and co_teaching_alpha > 0:
+            p_img = peer_image_features.detach().float().transpose(0, 1)
+            p_txt = peer_text_features.detach().float().transpose(0, 1)
+            p_logits = torch.bmm(p_img, p_txt.transpose(1, 2)) / torch.as_tensor(peer_temperature).detach().float()
+            targets_i2t = co_teaching_targets(targets, p_logits, v, normal, co_teaching_alpha)
+            targets_t2i = co_teaching_targets(targets, p_logits.transpose(1, 2), v, normal, co_teaching_alpha)
+        i2t = _soft_cross_entropy(logits, targets_i2t, v)
+        t2i = _soft_cross_entropy(logits.transpose(1, 2), targets_t2i, v)
     terms = torch.where(active, (i2t + t2i) / 2, torch.zeros_like(i2t))
     # 0 * (local features, temperature): the graph always reaches every input, even with no active anatomy
     loss = terms.sum() + 0.0 * (local.float() + temperature.float())

@@ -191,6 +191,10 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     from fvlm.loss import anatomy_contrastive_loss
     from fvlm.model.fvlm import FVLM, load_weights, param_groups
 
+    if cfg.loss.co_teaching:  # two models trained alternately: fvlm.coteach (reuses this module's pieces)
+        from fvlm.coteach import train_coteaching
+
+        return train_coteaching(cfg, data, out, resume=resume, device=device, stop_after_steps=stop_after_steps)
     data, run = Path(data), Path(out)
     dev = resolve_device(device)
     dist.init_distributed(dev)
