@@ -195,7 +195,8 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]] | Iterable[
         try:
             return _Worker(ctx, fn, initializer)
         except Exception as e:  # cannot fork / exec / reach the forkserver (e.g. out of address space)
-            start_error = f"could not start a worker process: {type(e).__name__}: {e}"
+            start_error = (f"could not start a worker process ({type(e).__name__}: {e}; out of memory or address "
+                           f"space, e.g. a low ulimit -v? --workers 1 runs without worker processes)")
             log.error("%s", start_error)
             return None
 
@@ -262,3 +263,90 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]] | Iterable[
     finally:
         for w in pool:
             w.stop()
+
+
+# ----------------------------------------------------------------------------------------------- subprocesses
+def supervised(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` wrapped in the supervisor (``python -m fvlm.data.jobs --supervise MAIN_PID -- cmd ...``): start the
+    result with ``start_new_session=True`` (see :func:`run_command`); the supervisor kills the whole process
+    group (the command and everything it started) when this process dies, even by ``kill -9``."""
+    return [sys.executable, "-m", "fvlm.data.jobs", "--supervise", str(os.getpid()), "--", *cmd]
+
+
+def kill_group(pgid: int) -> None:
+    """``SIGKILL`` to every process of the process group ``pgid`` (no error when it is empty)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@dataclass
+class CommandResult:
+    returncode: int
+    output: str
+    timed_out: bool = False
+
+
+def run_command(cmd: Sequence[str], timeout: float = 0.0, env: dict[str, str] | None = None) -> CommandResult:
+    """Run ``cmd`` in its own process group under the supervisor; stdout and stderr together in ``output``.
+
+    On timeout, on return and on any exception (Ctrl-C included) the whole group is killed, grandchildren
+    too; a ``kill -9`` of this process makes the supervisor kill it. ``OSError`` when Python cannot start.
+    """
+    import subprocess
+
+    proc = subprocess.Popen(supervised(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True, env=env)
+    timed_out = False
+    try:
+        try:
+            out, _ = proc.communicate(timeout=timeout or None)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_group(proc.pid)
+            try:
+                out, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:  # a process that left the group still holds the pipe
+                proc.kill()
+                out = ""
+    finally:
+        kill_group(proc.pid)  # whatever the command left running in its group
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return CommandResult(proc.returncode, out or "", timed_out)
+
+
+def _supervise(main_pid: int, cmd: list[str]) -> int:
+    """The supervisor: leader of its own process group; runs ``cmd`` in it and kills the group (itself
+    included) as soon as ``main_pid`` is gone or it is told to stop."""
+    import subprocess
+
+    def kill_all(*_: Any) -> None:
+        os.killpg(0, signal.SIGKILL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, kill_all)
+    set_parent_death_signal(signal.SIGTERM)
+    if not process_alive(main_pid):
+        kill_all()
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_INTERVAL)
+            if not process_alive(main_pid):
+                kill_all()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        proc = subprocess.Popen(cmd)
+    except OSError as e:
+        sys.stderr.write(f"cannot run {cmd[0]}: {e}\n")
+        return 127
+    rc = proc.wait()
+    return rc if rc >= 0 else 128 - rc
+
+
+if __name__ == "__main__":  # python -m fvlm.data.jobs --supervise MAIN_PID -- CMD ...
+    if len(sys.argv) < 5 or sys.argv[1] != "--supervise" or sys.argv[3] != "--":
+        sys.exit("usage: python -m fvlm.data.jobs --supervise MAIN_PID -- CMD [ARGS...]")
+    sys.exit(_supervise(int(sys.argv[2]), sys.argv[4:]))
