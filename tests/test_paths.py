@@ -141,3 +141,17 @@ def test_pairs_csv_split_traversal_is_refused_by_segment(tmp_path, real_data):
     assert "becomes part of an output path" in rows["../../rel_victim"]
     assert "valid" in rows  # the good row ran (the stand-in writes garbage: refused, reported)
     assert not (tmp_path / "maps" / "good.nii.gz").exists()
+
+
+def test_segment_never_overwrites_its_input(tmp_path, real_data):
+    img = tmp_path / "scan.nii.gz"
+    img.write_bytes((real_data / "real_ct" / "ct.nii.gz").read_bytes())
+    before = img.read_bytes()
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"volume,image,label\nscan,{img},{img}\n")
+    exe = tmp_path / "TotalSegmentator"
+    exe.write_text(STANDIN.format(python=sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    assert main(["segment", "--pairs", str(pairs), "--totalseg-cmd", str(exe)]) == 1
+    assert img.read_bytes() == before
+    assert "is the image itself" in (tmp_path / "pairs_segment_failures.csv").read_text()

@@ -207,8 +207,18 @@ def pairs_segment_jobs(csv_path: str | Path, default_split: str = "valid",
     refused as in :func:`fvlm.data.preprocess.pairs_jobs` (appended to ``rejected`` when it is a list)."""
     from fvlm.data.preprocess import pairs_jobs
 
-    return [SegmentJob(j.split, j.volume, j.image, j.label, "hu")
-            for j in pairs_jobs(csv_path, default_split, rejected=rejected)]
+    jobs = []
+    for j in pairs_jobs(csv_path, default_split, rejected=rejected):
+        if Path(j.label).resolve() == Path(j.image).resolve():  # the map would overwrite the scan
+            msg = f"{csv_path}: volume {j.volume!r}: label path {j.label} is the image itself; refusing to overwrite it"
+            if rejected is None:
+                raise ValueError(msg)
+            from fvlm.data.preprocess import RejectedRow
+
+            rejected.append(RejectedRow(str(csv_path), 0, j.split, j.volume, msg))
+            continue
+        jobs.append(SegmentJob(j.split, j.volume, j.image, j.label, "hu"))
+    return jobs
 
 
 # ----------------------------------------------------------------------------------------------- one volume
