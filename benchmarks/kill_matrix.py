@@ -248,11 +248,20 @@ def same_store(a: Path, b: Path) -> list[str]:
             x, y = store.open_volume(a, split, v, mmap=False), store.open_volume(b, split, v, mmap=False)
             if not (np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask)):
                 diffs.append(f"{split}/{v}: arrays differ")
-            mx = {k: val for k, val in x.meta.items() if k != "seconds"}
-            my = {k: val for k, val in y.meta.items() if k != "seconds"}
-            if mx != my:
+            if _meta(x.meta) != _meta(y.meta):
                 diffs.append(f"{split}/{v}: meta.json differs")
     return diffs
+
+
+def _meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """meta.json without what may differ between equal runs: the wall time, the input files' folder."""
+    out = {k: v for k, v in meta.items() if k != "seconds"}
+    src = dict(out.get("source", {}))
+    for k in ("image", "label"):
+        if k in src:
+            src[k] = Path(src[k]).name
+    out["source"] = src
+    return out
 
 
 def same_maps(a: Path, b: Path) -> list[str]:
@@ -297,9 +306,12 @@ def same_run(a: Path, b: Path) -> list[str]:
 
 def same_demo(a: Path, b: Path) -> list[str]:
     diffs = []
-    for name in ("scores.csv", "metrics.json", "retrieval.json"):
+    for name in ("scores.csv", "metrics.json"):
         if (a / name).read_bytes() != (b / name).read_bytes():
             diffs.append(f"{name} differs")
+    ra, rb = (json.loads((p / "retrieval.json").read_text()) for p in (a, b))
+    if {k: v for k, v in ra.items() if k != "file"} != {k: v for k, v in rb.items() if k != "file"}:
+        diffs.append("retrieval.json differs")
     diffs += same_run(a / "run", b / "run")
     diffs += same_store(a / "processed", b / "processed")
     return diffs
@@ -474,7 +486,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="", help="work folder (default: a temporary folder, removed at the end)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kill_matrix.json"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only combine result files of separate runs (e.g. run in parallel) into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        trials = [dict(t, run=i) for i, r in enumerate(runs) for t in r["trials"]]
+        merged = {"benchmark": "kill_matrix", "runs": [{k: v for k, v in r.items() if k != "trials"} for r in runs],
+                  "summary": summarize(trials), "trials": trials}
+        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+        print(json.dumps(merged["summary"], indent=1))
+        return 0
     kinds = [k for k in args.commands.split(",") if k]
     unknown = set(kinds) - set(KINDS)
     if unknown:
