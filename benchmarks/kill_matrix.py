@@ -13,7 +13,8 @@ Command kinds (each a real ``python -m fvlm ...`` command line in a fresh direct
   map after a short sleep) on v1 volumes (the fixed temporary copies are exercised);
 - ``demo``: ``fvlm demo`` in a small-size configuration (tiny model, few patients, 4 steps).
 
-Per trial: the kill time is ``uniform(0.05, 1) x`` the reference run's wall time (seeded); after the kill, the
+Per trial: the kill time is ``uniform(0.05, 0.75) x`` the reference run's wall time (seeded; 0.4-0.75 for
+worker kills, since workers exist only once the forkserver is up); after the kill, the
 processes the command had started must be gone within 10 s (``orphans``); the outputs are scanned for
 **partial files** (a visible output that is incomplete: a volume directory that does not check, a label map or
 checkpoint that does not load, a log line cut short); the same command is run again (``train`` adds
@@ -404,7 +405,8 @@ def trial(m: Matrix, kind: str, index: int, rng: random.Random) -> dict[str, Any
     plan = m.plan(kind, d)
     at_checkpoint = kind == "train" and index % 2 == 1
     # a worker exists only once the forkserver has imported torch (about half the run): kill in the second half
-    delay = rng.uniform(0.4 if kind == "preprocess-worker" else 0.05, 1.0) * m.ref_seconds[kind]
+    # (up to 0.75 of the reference time: under a varying load a later moment often comes after the end)
+    delay = rng.uniform(0.4 if kind == "preprocess-worker" else 0.05, 0.75) * m.ref_seconds[kind]
     n_ckpt = rng.randint(1, 3)
     rec: dict[str, Any] = {"kind": kind, "trial": index, "target": "worker" if kind == "preprocess-worker" else "main",
                            "moment": "checkpoint write" if at_checkpoint else f"{delay:.2f} s"}
