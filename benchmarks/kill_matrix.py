@@ -399,6 +399,19 @@ class Matrix:
 
 
 def trial(m: Matrix, kind: str, index: int, rng: random.Random) -> dict[str, Any]:
+    """One kill and rerun; when the command ended before the kill moment (the load varies), it is tried again
+    (at most 3 times) from scratch with a moment drawn over the time that run took."""
+    span = m.ref_seconds[kind]
+    for attempt in range(1, 4):
+        rec = _trial(m, kind, index, rng, span, retry=attempt < 3)
+        if "uninterrupted_seconds" not in rec:
+            rec["attempts"] = attempt
+            return rec
+        span = rec["uninterrupted_seconds"]
+    raise AssertionError("unreachable")
+
+
+def _trial(m: Matrix, kind: str, index: int, rng: random.Random, span: float, retry: bool) -> dict[str, Any]:
     d = m.work / "trials" / f"{kind}-{index:02d}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -406,7 +419,7 @@ def trial(m: Matrix, kind: str, index: int, rng: random.Random) -> dict[str, Any
     at_checkpoint = kind == "train" and index % 2 == 1
     # a worker exists only once the forkserver has imported torch (about half the run): kill in the second half
     # (up to 0.75 of the reference time: under a varying load a later moment often comes after the end)
-    delay = rng.uniform(0.4 if kind == "preprocess-worker" else 0.05, 0.75) * m.ref_seconds[kind]
+    delay = rng.uniform(0.4 if kind == "preprocess-worker" else 0.05, 0.75) * span
     n_ckpt = rng.randint(1, 3)
     rec: dict[str, Any] = {"kind": kind, "trial": index, "target": "worker" if kind == "preprocess-worker" else "main",
                            "moment": "checkpoint write" if at_checkpoint else f"{delay:.2f} s"}
@@ -447,6 +460,10 @@ def trial(m: Matrix, kind: str, index: int, rng: random.Random) -> dict[str, Any
             break
         time.sleep(0.002 if at_checkpoint else 0.01)
     rc1 = p.wait(timeout=1800)
+    if not killed and rc1 == 0 and retry:
+        rec["killed"] = False
+        rec["uninterrupted_seconds"] = time.monotonic() - t0
+        return rec
     rec["killed"] = killed
     rec["first_exit"] = rc1
     rec["orphans"] = wait_gone(tree - {p.pid}) if killed else 0
