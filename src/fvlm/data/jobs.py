@@ -207,6 +207,16 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]] | Iterable[
                 break
             pool.append(w)
         while done < n:
+            # a worker that died while idle held no job: replace it without failing any
+            for w in [w for w in pool if w.job is None and pending and not w.proc.is_alive()]:
+                pool.remove(w)
+                log.warning("idle worker process %s died (%s); starting a new one", w.proc.pid,
+                            describe_exit(w.proc.exitcode))
+                if restarts < max_restarts:
+                    restarts += 1
+                    nw = start()
+                    if nw is not None:
+                        pool.append(nw)
             # hand a job to every idle worker
             for w in pool:
                 if w.job is None and pending:
