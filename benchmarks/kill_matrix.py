@@ -498,6 +498,23 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as the table of benchmarks/README.md."""
+    lines = ["| command | trials (killed) | partial files | orphans after 10 s | reruns finished | temporaries after "
+             "rerun | equal to an uninterrupted run |", "|---|---|---|---|---|---|---|"]
+    names = {"preprocess-main": "`fvlm preprocess --workers 2`, main process",
+             "preprocess-worker": "`fvlm preprocess --workers 2`, one worker",
+             "train": "`fvlm train` (random moment / checkpoint write)",
+             "segment": "`fvlm segment --workers 2` (stand-in TotalSegmentator)", "demo": "`fvlm demo` (small)"}
+    for kind, s in summary.items():
+        trials = f"{s['trials']} ({s['killed']})"
+        if kind == "train":
+            trials += f", {s['killed_during_checkpoint_write']} during a checkpoint write"
+        lines.append(f"| {names[kind]} | {trials} | {s['partial_files']} | {s['orphans']} | "
+                     f"{s['reruns_finished']} | {s['temporaries_after_rerun']} | {s['equal_to_uninterrupted']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20, help="trials per command kind")
@@ -514,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         merged = {"benchmark": "kill_matrix", "runs": [{k: v for k, v in r.items() if k != "trials"} for r in runs],
                   "summary": summarize(trials), "trials": trials}
         Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
-        print(json.dumps(merged["summary"], indent=1))
+        print(markdown(merged["summary"]))
         return 0
     kinds = [k for k in args.commands.split(",") if k]
     unknown = set(kinds) - set(KINDS)
