@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how existing maps are checked before being skipped: header (shape, geometry) or full "
                         "(also inflate the data)")
     p.add_argument("--tmp-dir", default="", help="folder for fixed v1 volumes handed to TotalSegmentator "
-                                                  "(default: the system temp folder)")
+                                                  "(default: next to the failures CSV; cleaned by the next run)")
     p.add_argument("--failures", default="", help="failures CSV (default: dataset/{split}_mask/segment_failures.csv "
                                                   "or next to --pairs)")
 

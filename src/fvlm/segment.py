@@ -29,16 +29,16 @@ failures CSV, the other volumes go on, and the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,17 +100,19 @@ class TotalSegmentator:
         if self.in_process:
             self._run_api(image, output)
             return
+        from fvlm.data.jobs import run_command
+
         cmd = [*self.command, *totalseg_arguments(image, output, self.roi, self.fast, self.device, self.task)]
         log.debug("running %s", " ".join(cmd))
+        # its own process group, killed whole (grandchildren too) on timeout, on return and when fvlm dies
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  timeout=self.timeout or None, check=False)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"TotalSegmentator timed out after {self.timeout:g} s") from None
+            proc = run_command(cmd, timeout=self.timeout)
         except OSError as e:
             raise RuntimeError(f"cannot run {self.command[0]}: {e}") from None
+        if proc.timed_out:
+            raise RuntimeError(f"TotalSegmentator timed out after {self.timeout:g} s (its processes were killed)")
         if proc.returncode != 0:
-            tail = " | ".join((proc.stdout or "").strip().splitlines())[-_OUTPUT_TAIL:]
+            tail = " | ".join(proc.output.strip().splitlines())[-_OUTPUT_TAIL:]
             raise RuntimeError(f"TotalSegmentator exited with code {proc.returncode}: {tail or '(no output)'}")
 
     def _run_api(self, image: Path, output: Path) -> None:
@@ -198,12 +200,25 @@ def ctrate_segment_jobs(root: str | Path, split: str, version: str = "auto", rec
     return [SegmentJob(j.split, j.volume, j.image, j.label, j.version, j.metadata) for j in jobs]
 
 
-def pairs_segment_jobs(csv_path: str | Path, default_split: str = "valid") -> list[SegmentJob]:
+def pairs_segment_jobs(csv_path: str | Path, default_split: str = "valid",
+                       rejected: list[Any] | None = None) -> list[SegmentJob]:
     """Jobs from a ``volume,image,label[,split]`` CSV (the ``fvlm preprocess --pairs`` format): each image (HU,
-    correct header) is segmented into its ``label`` path."""
+    correct header) is segmented into its ``label`` path. Rows whose volume or split is not a safe name are
+    refused as in :func:`fvlm.data.preprocess.pairs_jobs` (appended to ``rejected`` when it is a list)."""
     from fvlm.data.preprocess import pairs_jobs
 
-    return [SegmentJob(j.split, j.volume, j.image, j.label, "hu") for j in pairs_jobs(csv_path, default_split)]
+    jobs = []
+    for j in pairs_jobs(csv_path, default_split, rejected=rejected):
+        if Path(j.label).resolve() == Path(j.image).resolve():  # the map would overwrite the scan
+            msg = f"{csv_path}: volume {j.volume!r}: label path {j.label} is the image itself; refusing to overwrite it"
+            if rejected is None:
+                raise ValueError(msg)
+            from fvlm.data.preprocess import RejectedRow
+
+            rejected.append(RejectedRow(str(csv_path), 0, j.split, j.volume, msg))
+            continue
+        jobs.append(SegmentJob(j.split, j.volume, j.image, j.label, "hu"))
+    return jobs
 
 
 # ----------------------------------------------------------------------------------------------- one volume
@@ -310,15 +325,50 @@ def _remove_stale_temporaries(output: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def segment_volume(job: SegmentJob, runner: TotalSegmentator, tmp_dir: str | None = None) -> SegmentResult:
-    """Segment one volume into ``job.output`` (atomic); never raises for a problem of the volume."""
+#: folder (under ``--tmp-dir``, by default next to the outputs) of the fixed copies handed to TotalSegmentator
+TMP_FOLDER = ".fvlm-segment-tmp"
+
+
+def default_tmp_dir(failures: str | Path) -> Path:
+    """Where fixed copies go by default: next to the failures CSV (``dataset/{split}_mask/`` or the pairs CSV's
+    folder), never the system temp folder (a killed run's copies are found and removed by the next run)."""
+    return Path(failures).parent
+
+
+def clean_tmp(tmp_dir: str | Path | None, volumes: set[str]) -> int:
+    """Remove the temporary folders an interrupted run left for ``volumes`` (only ``{volume}.{random}`` folders
+    under :data:`TMP_FOLDER`, which only :func:`segment_volume` creates); returns how many."""
+    if tmp_dir is None:
+        return 0
+    d = Path(tmp_dir) / TMP_FOLDER
+    n = 0
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.is_dir() and not p.is_symlink() and p.name.rsplit(".", 1)[0] in volumes:
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when empty
+    return n
+
+
+def segment_volume(job: SegmentJob, runner: TotalSegmentator, tmp_dir: str | Path | None = None) -> SegmentResult:
+    """Segment one volume into ``job.output`` (atomic); never raises for a problem of the volume.
+
+    A v1 volume's fixed copy is written under ``tmp_dir/.fvlm-segment-tmp/{volume}.{random}/`` (the system
+    temp folder when ``tmp_dir`` is None) and removed afterwards.
+    """
     t0 = time.perf_counter()
     version = ""
     output = Path(job.output)
     try:
         _remove_stale_temporaries(output)
         image, version = load_fixed(job)
-        with tempfile.TemporaryDirectory(prefix="fvlm_segment_", dir=tmp_dir) as td:
+        tmp_root = None
+        if tmp_dir is not None:
+            tmp_root = Path(tmp_dir) / TMP_FOLDER
+            tmp_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{job.volume}.", dir=tmp_root) as td:
             if version == "v1":
                 # uncompressed: TotalSegmentator reads it once; compressing 300 MB would cost seconds for nothing
                 src = Path(td) / f"{job.volume}.nii"
@@ -361,6 +411,10 @@ def run_segment(jobs: Sequence[SegmentJob], runner: TotalSegmentator, workers: i
     i, n = shard
     jobs = jobs[i::n]
     summary = SegmentSummary()
+    removed = clean_tmp(tmp_dir, {j.volume for j in jobs})
+    if removed:
+        log.info("removed %d temporary folder(s) left by an interrupted run under %s", removed,
+                 Path(tmp_dir or ".") / TMP_FOLDER)
     todo = []
     for j in jobs:
         if output_is_complete(j, verify):
@@ -375,25 +429,24 @@ def run_segment(jobs: Sequence[SegmentJob], runner: TotalSegmentator, workers: i
                 summary.results.append(segment_volume(j, runner, tmp_dir))
                 bar.update()
         else:
-            ex: Executor
             if runner.in_process:
-                # the Python API runs torch in this process: one process per worker (spawn: CUDA-safe)
-                import multiprocessing as mp
+                # the Python API runs torch in this process: one process per worker (spawn: CUDA-safe); a dead
+                # worker (out of memory) fails only its volume
+                from fvlm.data.jobs import JobError, run_jobs
 
-                ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_init_worker)
-            else:  # subprocesses do the work; threads only read, fix and wait
-                ex = ThreadPoolExecutor(max_workers=workers)
-            with ex:
-                futures = {ex.submit(segment_volume, j, runner, tmp_dir): j for j in todo}
-                for fut in as_completed(futures):
-                    j = futures[fut]
-                    try:
-                        r = fut.result()
-                    except Exception as e:  # a worker process died (e.g. out of memory)
-                        r = SegmentResult(j.split, j.volume, "failed", error=f"worker failed: {type(e).__name__}: {e}")
+                for k, r in run_jobs(segment_volume, [(j, runner, tmp_dir) for j in todo], workers, context="spawn",
+                                     initializer=_init_worker):
+                    if isinstance(r, JobError):
+                        r = SegmentResult(todo[k].split, todo[k].volume, "failed", error=r.error)
                     summary.results.append(r)
                     bar.update()
+            else:  # subprocesses do the work; threads only read, fix and wait
+                with ThreadPoolExecutor(max_workers=workers) as ex:
+                    futures = {ex.submit(segment_volume, j, runner, tmp_dir): j for j in todo}
+                    for fut in as_completed(futures):
+                        summary.results.append(fut.result())  # segment_volume never raises
+                        bar.update()
+    clean_tmp(tmp_dir, set())  # the (now empty) temporary folder itself
     for r in summary.failed:
         log.error("%s failed: %s", r.volume, r.error)
     done = [r for r in summary.results if r.status == "ok"]
@@ -438,14 +491,18 @@ def run_segment_cli(args: argparse.Namespace) -> int:
                                    reconstructions=parse_reconstructions(args.reconstructions),
                                    exclude_no_chest=not args.include_no_chest)
         default_failures = Path(args.data) / "dataset" / f"{args.split}_mask" / "segment_failures.csv"
-    else:
-        jobs = pairs_segment_jobs(args.pairs, default_split=args.split or "valid")
+    rejected: list[Any] = []
+    if not args.data:
+        jobs = pairs_segment_jobs(args.pairs, default_split=args.split or "valid", rejected=rejected)
         default_failures = Path(args.pairs).with_name(Path(args.pairs).stem + "_segment_failures.csv")
-    if not jobs:
+    if not jobs and not rejected:
         raise FileNotFoundError(f"no volumes found in {args.data or args.pairs}")
     log.info("anatomy table %r: roi_subset of %d classes: %s", table.name, len(roi), " ".join(roi))
     summary = run_segment(jobs, runner, workers=args.workers, shard=shard, limit=args.limit, verify=args.verify,
-                          tmp_dir=args.tmp_dir or None)
+                          tmp_dir=args.tmp_dir or default_tmp_dir(default_failures))
+    for r in rejected:  # rows refused for their names: nothing was run or written for them
+        log.error("%s line %d refused: %s", r.source, r.line, r.error)
+        summary.results.append(SegmentResult(r.split, r.volume, "failed", error=r.error))
     failures = Path(args.failures) if args.failures else default_failures
     if shard[1] > 1 and not args.failures:
         failures = failures.with_name(f"{failures.stem}.shard{shard[0]}of{shard[1]}.csv")

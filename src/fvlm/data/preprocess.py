@@ -29,8 +29,6 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from fvlm.config import DataConfig, load_config
 from fvlm.data import ctrate, store
 from fvlm.data.store import Geometry
 from fvlm.io import atomic_path, atomic_write_text
+from fvlm.paths import safe_component
 from fvlm.totalseg import MAX_CLASS_ID
 
 try:  # ISA-L inflates gzip about 2x faster than zlib: reading dominates the pass
@@ -543,9 +542,16 @@ def process_volume(job: VolumeJob, out: str | Path, data_cfg: DataConfig, table:
 
 def _record_failure(job: VolumeJob, out: str | Path, error: str, seconds: float, version: str = "") -> VolumeResult:
     error = " ".join(error.split())  # one line
-    store.remove_volume(out, job.split, job.volume)  # a damaged earlier output must not look valid
-    store.write_failure(out, job.split, job.volume, {"scan": job.scan, "error": error, "seconds": round(seconds, 3),
-                                                     "version": version, "image": job.image, "label": job.label})
+    try:
+        store.remove_volume(out, job.split, job.volume)  # a damaged earlier output must not look valid
+    except ValueError as e:  # not a directory this store wrote (or an unsafe name): left alone, and said so
+        error = f"{error}; {' '.join(str(e).split())}"
+    try:
+        store.write_failure(out, job.split, job.volume, {"scan": job.scan, "error": error,
+                                                         "seconds": round(seconds, 3), "version": version,
+                                                         "image": job.image, "label": job.label})
+    except (ValueError, OSError) as e:
+        log.error("%s/%s: cannot record the failure (%s): %s", job.split, job.volume, e, error)
     log.debug("%s failed: %s", job.volume, error)
     return VolumeResult(job.split, job.volume, "failed", error=error, seconds=seconds, version=version)
 
@@ -632,10 +638,29 @@ def ctrate_jobs(root: str | Path, splits: Sequence[str], version: str = "auto",
     return jobs
 
 
-def pairs_jobs(csv_path: str | Path, default_split: str = "valid") -> list[VolumeJob]:
+@dataclass
+class RejectedRow:
+    """A row of an input CSV refused before any work (its names are kept only to be reported)."""
+
+    source: str
+    line: int
+    split: str
+    volume: str
+    error: str
+
+    def record(self) -> dict[str, Any]:
+        return {"key": f"{Path(self.source).stem}-line{self.line}", "split": self.split, "volume": self.volume,
+                "scan": "", "error": self.error, "seconds": 0.0, "version": ""}
+
+
+def pairs_jobs(csv_path: str | Path, default_split: str = "valid",
+               rejected: list[RejectedRow] | None = None) -> list[VolumeJob]:
     """Jobs from a CSV with columns ``volume,image,label[,split]`` (paths relative to the CSV's folder).
 
-    The images must already be HU with a correct header (like CT-RATE v2); no v1 fix is applied.
+    The images must already be HU with a correct header (like CT-RATE v2); no v1 fix is applied. Volume and
+    split names must be single safe path components (:func:`fvlm.paths.safe_component`): a row with ``/``,
+    ``..`` or a leading dot in either, or listed twice, raises ``ValueError`` naming the file and line, or,
+    when ``rejected`` is a list, is appended to it and left out (the batch goes on and reports it).
     """
     csv_path = Path(csv_path)
     if not csv_path.exists():
@@ -648,11 +673,17 @@ def pairs_jobs(csv_path: str | Path, default_split: str = "valid") -> list[Volum
         jobs, seen = [], set()
         for i, row in enumerate(reader, start=2):
             name = (row["volume"] or "").strip()
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"{csv_path} line {i}: bad volume name {name!r}")
             split = (row.get("split") or "").strip() or default_split
-            if (split, name) in seen:
-                raise ValueError(f"{csv_path} line {i}: volume {name!r} listed twice in split {split!r}")
+            try:
+                safe_component(name, "volume name", f"{csv_path} line {i}")
+                safe_component(split, "split", f"{csv_path} line {i}")
+                if (split, name) in seen:
+                    raise ValueError(f"{csv_path} line {i}: volume {name!r} listed twice in split {split!r}")
+            except ValueError as e:
+                if rejected is None:
+                    raise
+                rejected.append(RejectedRow(str(csv_path), i, split, name, str(e)))
+                continue
             seen.add((split, name))
             try:
                 scan = ctrate.parse_volume_name(name).scan_id
@@ -746,22 +777,20 @@ def run_preprocess(jobs: Sequence[VolumeJob], out: str | Path, data_cfg: DataCon
                 summary.results.append(r)
                 bar.update()
         else:
-            import multiprocessing as mp
+            from fvlm.data.jobs import JobError, run_jobs
 
             # forkserver: workers fork from a clean server process (fork-safe, unlike forking a parent whose
-            # OpenMP threads already ran) that imports torch once instead of once per worker
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["torch", "fvlm.data.preprocess"])
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as ex:
-                futures = {ex.submit(_worker, j, str(out), data_cfg, table): j for j in todo}
-                for fut in as_completed(futures):
-                    j = futures[fut]
-                    try:
-                        r = fut.result()
-                    except BrokenProcessPool as e:
-                        r = _record_failure(j, out, f"worker process died (out of memory?): {e}", 0.0)
-                    summary.results.append(r)
-                    bar.update()
+            # OpenMP threads already ran) that imports torch once instead of once per worker. A worker that
+            # dies (OOM killer) fails only the volume it held; a new one takes its place.
+            args = [(j, str(out), data_cfg, table) for j in todo]
+            for k, r in run_jobs(_worker, args, workers, context="forkserver",
+                                 preload=["torch", "fvlm.data.preprocess"], initializer=_init_worker):
+                if isinstance(r, JobError):
+                    j = todo[k]
+                    store.clean_temporaries(out, j.split, {j.volume})  # what the dead worker was writing
+                    r = _record_failure(j, out, r.error, 0.0)
+                summary.results.append(r)
+                bar.update()
     for r in summary.results:
         if r.status == "failed":
             log.error("%s/%s failed: %s", r.split, r.volume, r.error)
@@ -790,14 +819,19 @@ def run_preprocess_cli(args: argparse.Namespace) -> int:
         jobs = ctrate_jobs(args.data, splits, version=args.version,
                            reconstructions=parse_reconstructions(args.reconstructions),
                            exclude_no_chest=not args.include_no_chest)
-    else:
-        jobs = pairs_jobs(args.pairs, default_split=args.split or "valid")
+    rejected: list[RejectedRow] = []
+    if not args.data:
+        jobs = pairs_jobs(args.pairs, default_split=args.split or "valid", rejected=rejected)
         splits = []
-    if not jobs:
+    if not jobs and not rejected:
         raise FileNotFoundError(f"no volumes found in {args.data or args.pairs}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_store_config(out, cfg.data, table)  # refuse a mixed store before touching anything
+    if args.pairs:  # rows refused for their names: reported in failures.csv, nothing written for them
+        store.write_rejected_rows(out, [r.record() for r in rejected])
+        for r in rejected:
+            log.error("%s line %d refused: %s", r.source, r.line, r.error)
     if args.data:
         copied = copy_side_files(args.data, out, splits)
         log.info("copied %s", ", ".join(copied) if copied else "no side files (texts, labels, reports absent)")
@@ -813,7 +847,7 @@ def run_preprocess_cli(args: argparse.Namespace) -> int:
     clear_marker(out, stage)
     summary = run_preprocess(jobs, out, cfg.data, table, workers=args.workers, shard=shard, limit=args.limit,
                              verify=getattr(args, "verify", False))
-    if not summary.failed:
+    if not summary.failed and not rejected:
         write_marker(out, stage, config=settings, volumes=len(summary.results), processed=summary.ok,
                      skipped=summary.skipped)
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or rejected else 0

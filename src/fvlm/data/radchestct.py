@@ -43,6 +43,7 @@ import numpy as np
 
 from fvlm.io import atomic_path, atomic_write_text
 from fvlm.labels import CT_RATE_LABELS
+from fvlm.paths import component_problem, safe_component
 
 log = logging.getLogger(__name__)
 
@@ -496,11 +497,13 @@ def convert(npz_dir: str | Path, labels_csv: str | Path, out: str | Path, mappin
     from tqdm import tqdm
 
     npz_dir, out = Path(npz_dir), Path(out)
+    if split:  # becomes a folder of fvlm preprocess --out
+        safe_component(split, "--split")
     if not npz_dir.is_dir():
         raise FileNotFoundError(f"--npz-dir {npz_dir}: no such directory")
     labels = read_labels(labels_csv)
     mapped = map_labels(labels, mapping)  # fail on a bad mapping before any work
-    files = {p.stem: p for p in sorted(npz_dir.glob("*.npz"))}
+    files = {p.stem: p for p in sorted(npz_dir.glob("*.npz")) if component_problem(p.stem) is None}
     if not files:
         raise FileNotFoundError(f"no .npz volumes in {npz_dir}")
     without_labels = sorted(set(files) - set(labels))
@@ -540,12 +543,14 @@ def convert(npz_dir: str | Path, labels_csv: str | Path, out: str | Path, mappin
                 results[r.volume] = r
                 bar.update()
         else:
-            from concurrent.futures import ProcessPoolExecutor
+            from fvlm.data.jobs import JobError, run_jobs
 
-            with ProcessPoolExecutor(max_workers=workers) as ex:
-                for r in ex.map(convert_volume, *zip(*args)):
-                    results[r.volume] = r
-                    bar.update()
+            # a worker that dies (out of memory) fails only the volume it held
+            for k, r in run_jobs(convert_volume, args, workers, context="forkserver"):
+                if isinstance(r, JobError):
+                    r = ConvertResult(todo[k], "failed", error=r.error)
+                results[r.volume] = r
+                bar.update()
     ordered = [results[n] for n in names]
     n_masks = 0
     for r in ordered:  # label maps made since (fvlm segment --pairs): same grid, patient upright

@@ -219,7 +219,10 @@ def _blosc2():
 
 # ------------------------------------------------------------------------------------------------ reading
 def volume_dir(out: str | Path, split: str, volume: str) -> Path:
-    return Path(out) / split / volume
+    """``OUT/{split}/{volume}``; ``ValueError`` unless split and volume are single safe names (never outside OUT)."""
+    from fvlm.paths import safe_component
+
+    return Path(out) / safe_component(split, "split") / safe_component(volume, "volume name")
 
 
 def window(hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
@@ -374,7 +377,9 @@ def list_volumes(out: str | Path, split: str, check: bool = False) -> list[str]:
     Directories appear only complete (atomic rename); ``check=True`` also validates every one with
     :func:`check_volume_dir` (reads three small headers per volume) and drops damaged ones.
     """
-    d = Path(out) / split
+    from fvlm.paths import safe_component
+
+    d = Path(out) / safe_component(split, "split")
     if not d.is_dir():
         return []
     names = []
@@ -442,7 +447,7 @@ def config_mismatch(stored: dict[str, Any], data: dict[str, Any], table: dict[st
 # ------------------------------------------------------------------------------------------------ writing
 @contextlib.contextmanager
 def _temp_volume_dir(out: Path, split: str, volume: str) -> Iterator[Path]:
-    parent = out / split
+    parent = volume_dir(out, split, volume).parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f"{TMP_PREFIX}{volume}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -507,7 +512,8 @@ def write_volume(out: str | Path, split: str, volume: str, image: np.ndarray, ma
         meta = {**meta, "format": FORMAT_VERSION, "shape": [int(s) for s in image.shape], "image_dtype": "int16",
                 "mask_dtype": "uint8", "storage": storage}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-        if final.exists():
+        if final.exists() or final.is_symlink():
+            _check_ours(final)
             # rename the old directory aside first: os.replace cannot overwrite a non-empty directory
             trash = final.parent / f"{TRASH_PREFIX}{volume}.{uuid.uuid4().hex[:8]}"
             os.replace(final, trash)
@@ -519,10 +525,27 @@ def write_volume(out: str | Path, split: str, volume: str, image: np.ndarray, ma
 def remove_volume(out: str | Path, split: str, volume: str) -> None:
     """Delete a (damaged) volume directory, renaming it aside first so no half-deleted directory remains."""
     final = volume_dir(out, split, volume)
-    if final.exists():
+    if final.exists() or final.is_symlink():
+        _check_ours(final)
         trash = final.parent / f"{TRASH_PREFIX}{volume}.{uuid.uuid4().hex[:8]}"
         os.replace(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+#: the only entries a volume directory written by :func:`write_volume` (any format) holds
+_VOLUME_FILES = frozenset({IMAGE, MASK, IMAGE_V1, MASK_V1, META})
+
+
+def _check_ours(d: Path) -> None:
+    """``ValueError`` unless ``d`` looks like a volume directory this module wrote (a real directory holding
+    only array files and meta.json): nothing else is ever deleted or replaced."""
+    if d.is_symlink() or not d.is_dir():
+        raise ValueError(f"{d} is not a volume directory written by fvlm preprocess (a link or a file): "
+                         f"refusing to delete or replace it")
+    foreign = sorted(p.name for p in d.iterdir() if p.name not in _VOLUME_FILES)
+    if foreign:
+        raise ValueError(f"{d} holds files fvlm preprocess does not write ({', '.join(foreign[:5])}): refusing to "
+                         f"delete or replace it; move it away or use another --out")
 
 
 def clean_temporaries(out: str | Path, split: str, volumes: set[str] | None = None) -> int:
@@ -531,7 +554,9 @@ def clean_temporaries(out: str | Path, split: str, volumes: set[str] | None = No
     ``volumes`` restricts the clean-up to those volumes (a shard cleans only its own, so it never removes
     a directory another shard of the same OUT is writing right now).
     """
-    d = Path(out) / split
+    from fvlm.paths import safe_component
+
+    d = Path(out) / safe_component(split, "split")
     if not d.is_dir():
         return 0
     n = 0
@@ -547,7 +572,9 @@ def clean_temporaries(out: str | Path, split: str, volumes: set[str] | None = No
 
 # ------------------------------------------------------------------------------------------------ failures
 def failure_path(out: str | Path, split: str, volume: str) -> Path:
-    return Path(out) / FAILED_DIR / split / f"{volume}.json"
+    from fvlm.paths import safe_component
+
+    return Path(out) / FAILED_DIR / safe_component(split, "split") / f"{safe_component(volume, 'volume name')}.json"
 
 
 def write_failure(out: str | Path, split: str, volume: str, record: dict[str, Any]) -> None:
@@ -571,9 +598,28 @@ def read_failures(out: str | Path) -> list[dict[str, Any]]:
             except (OSError, ValueError) as e:
                 log.warning("unreadable failure record %s: %s", p, e)
                 continue
-            if not (Path(out) / rec["split"] / rec["volume"] / META).exists():
+            if p.parent.name == REJECTED_DIR:  # an input row refused before any work (names may be unsafe)
+                records.append(rec)
+            elif not (Path(out) / rec["split"] / rec["volume"] / META).exists():
                 records.append(rec)
     return records
+
+
+#: failure records of input rows refused before any work (e.g. a split or volume name that is not a safe path
+#: component), under ``OUT/.failed/.rows/``: named by source file and line, never by the refused names
+REJECTED_DIR = ".rows"
+
+
+def write_rejected_rows(out: str | Path, records: list[dict[str, Any]]) -> None:
+    """Replace the refused-row failure records of ``out`` with ``records`` (dicts with split, volume, error,
+    ``key``: a unique, safe file stem such as ``pairs-line3``)."""
+    d = Path(out) / FAILED_DIR / REJECTED_DIR
+    if d.is_dir():
+        for old in d.glob("*.json"):  # only the records this function wrote
+            old.unlink(missing_ok=True)
+    for rec in records:
+        key = re.sub(r"[^A-Za-z0-9_.-]", "_", str(rec["key"]))
+        atomic_write_text(d / f"{key}.json", json.dumps({k: v for k, v in rec.items() if k != "key"}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ manifest

@@ -25,10 +25,8 @@ import csv
 import io
 import json
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,12 +260,18 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
     results: list[ScanResult] = []
     bar = tqdm(total=len(jobs), desc="synth", unit="scan", disable=None)
     if workers > 1 and len(jobs) > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
-                                 initializer=_init_worker) as ex:
-            for r in ex.map(run_scan, jobs, chunksize=1):
-                results.append(r)
-                bar.update(1)
+        from fvlm.data.jobs import JobError, run_jobs
+
+        # a worker that dies (out of memory) fails only the scan it held; results keep the job order
+        by_index: dict[int, ScanResult] = {}
+        for k, r in run_jobs(run_scan, [(j,) for j in jobs], workers, context="spawn", initializer=_init_worker):
+            if isinstance(r, JobError):
+                j = jobs[k]
+                r = ScanResult(j.split, j.pid, j.scan, f"{SPLITS[j.split][0]}_{j.pid}_{_SCAN_LETTERS[j.scan]}",
+                               error=r.error)
+            by_index[k] = r
+            bar.update(1)
+        results = [by_index[k] for k in range(len(jobs))]
     else:
         for j in jobs:
             results.append(run_scan(j))
