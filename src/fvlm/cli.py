@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="",
                    help="labels CSV(s), comma-separated (VolumeName + 0/1 columns; empty = missing, excluded)")
     p.add_argument("--out", required=True, help="fine-tuned run directory")
-    _add_config_args(p)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the pre-trained run's config, e.g. --set train.max_steps=300 (repeatable; "
+                        "fine-tuning defaults: " + " ".join(["train.lr=1e-4", "train.epochs=5", "..."]) + ")")
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
     p.add_argument("--features", choices=["mapped", "concat"], default="mapped",
                    help="heads read the anatomy the anatomy map gives each label (mapped) or all anatomies (concat)")
