@@ -232,7 +232,8 @@ class FinetuneDataset(torch.utils.data.Dataset):
             else:  # smaller than the crop: padded, the volume kept inside the window
                 st = min(max(st, shape[ax] - size[ax]), 0)
             start.append(st)
-        return CropSpec(volume, 0, tuple(start), size)
+        # global mode: the one "anatomy" is the whole crop (a mask of ones), as in pre-training and zero-shot
+        return CropSpec(volume, -1 if self.cfg.loss.mode == "global" else 0, tuple(start), size)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from fvlm.data import store
