@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", default="0.01,0.1,1")
     p.add_argument("--steps", type=int, default=30, help="fine-tuning optimizer steps per seed")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
-    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (heads x10)")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate of the encoder")
+    p.add_argument("--head-lr-scale", type=float, default=100.0,
+                   help="heads' learning rate relative to --lr (a short schedule needs fast heads)")
     p.add_argument("--skip-finetune", action="store_true")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "downstream.json"))
     args = p.parse_args(argv)
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     fractions = [float(f) for f in args.fractions.split(",")]
     settings = {"run": str(args.run), "checkpoint": str(resolve_checkpoint(args.run)), "data": str(data),
                 "seeds": args.seeds, "fractions": fractions, "finetune_steps": args.steps,
-                "finetune_batch_size": args.batch_size, "finetune_lr": args.lr}
+                "finetune_batch_size": args.batch_size, "finetune_lr": args.lr,
+                "finetune_head_lr_scale": args.head_lr_scale}
     results = json.loads(out.read_text()) if out.is_file() else {}
     if results.get("settings") != settings:
         if results:
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         "finetune": f"fvlm finetune --checkpoint {args.run} --data {data} --labels {train_labels} "
                     f"--out {work / 'finetune_seed{S}'} --set train.seed={{S}} --set train.max_steps={args.steps} "
                     f"--set train.batch_size={args.batch_size} --set train.lr={args.lr} "
-                    f"--set train.warmup_steps={max(1, args.steps // 10)} --set train.ckpt_every=10",
+                    f"--set train.warmup_steps={max(1, args.steps // 10)} --set train.ckpt_every=10 "
+                    f"--head-lr-scale {args.head_lr_scale:g}",
         "metrics": f"fvlm metrics {work / 'finetune_seed0' / 'scores_valid.csv'} --labels {valid_labels}"}
 
     if "probe" not in results:
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
             resume = latest_checkpoint(run2) is not None
             finetune(args.run, data, str(train_labels), run2, resume=resume, device="cpu", eval_split="valid",
+                     head_lr_scale=args.head_lr_scale,
                      overrides=[f"train.seed={seed}", f"train.max_steps={args.steps}",
                                 f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
                                 f"train.warmup_steps={max(1, args.steps // 10)}", "train.ckpt_every=10",
