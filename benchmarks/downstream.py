@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-lr-scale", type=float, default=100.0,
                    help="heads' learning rate relative to --lr (a short schedule needs fast heads)")
     p.add_argument("--skip-finetune", action="store_true")
+    p.add_argument("--long-steps", type=int, default=0,
+                   help="also one fine-tune (seed 0) with this many steps: does a longer schedule pay off?")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "downstream.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -108,46 +110,48 @@ def main(argv: list[str] | None = None) -> int:
         _save(results, out)
     common, evaluable = results["labels"]["zero_shot_labels"], results["labels"]["evaluable"]
 
+    y_valid = pd.read_csv(valid_labels).set_index("VolumeName")
+
+    def finetune_run(seed: int, steps: int, run2: Path) -> dict:
+        from fvlm.checkpoint import latest_checkpoint
+        from fvlm.finetune import score_split
+
+        t0 = time.perf_counter()
+        finetune(args.run, data, str(train_labels), run2, resume=latest_checkpoint(run2) is not None, device="cpu",
+                 eval_split="valid", head_lr_scale=args.head_lr_scale,
+                 overrides=[f"train.seed={seed}", f"train.max_steps={steps}", f"train.batch_size={args.batch_size}",
+                            f"train.lr={args.lr}", f"train.warmup_steps={max(1, steps // 10)}", "train.ckpt_every=10",
+                            "train.log_every=5"])
+        if not (run2 / "scores_valid.csv").is_file():  # resumed after the last step: score now
+            score_split(run2, data, "valid", device="cpu")
+        scores = pd.read_csv(run2 / "scores_valid.csv").set_index("VolumeName")
+        truth = y_valid.loc[scores.index]
+        aucs = {c: label_auc(scores[c].to_numpy(float), truth[c].to_numpy(float)) for c in scores.columns}
+        aucs = {k: None if v is None else round(v, 4) for k, v in aucs.items()}
+
+        def macro(labels):
+            vals = [aucs[k] for k in labels if aucs.get(k) is not None]
+            return round(float(np.mean(vals)), 4) if vals else None
+
+        record = {"macro_auc_zero_shot_labels": macro(common), "macro_auc_all_labels": macro(evaluable),
+                  "auc": aucs, "steps": steps, "seconds": round(time.perf_counter() - t0, 1), "run": str(run2)}
+        log.info("fine-tune seed %d, %d steps: macro AUC %s (zero-shot labels), %s (all) in %.0f s", seed, steps,
+                 record["macro_auc_zero_shot_labels"], record["macro_auc_all_labels"], record["seconds"])
+        return record
+
     if not args.skip_finetune:
         ft = results.setdefault("finetune_runs", {})
-        y = pd.read_csv(valid_labels)
         for seed in range(args.seeds):
-            key = f"seed{seed}"
-            if key in ft:
-                continue
-            run2 = work / f"finetune_seed{seed}"
-            t0 = time.perf_counter()
-            from fvlm.checkpoint import latest_checkpoint
-
-            resume = latest_checkpoint(run2) is not None
-            finetune(args.run, data, str(train_labels), run2, resume=resume, device="cpu", eval_split="valid",
-                     head_lr_scale=args.head_lr_scale,
-                     overrides=[f"train.seed={seed}", f"train.max_steps={args.steps}",
-                                f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
-                                f"train.warmup_steps={max(1, args.steps // 10)}", "train.ckpt_every=10",
-                                "train.log_every=5"])
-            if not (run2 / "scores_valid.csv").is_file():  # resumed after the last step: score now
-                from fvlm.finetune import score_split
-
-                score_split(run2, data, "valid", device="cpu")
-            scores = pd.read_csv(run2 / "scores_valid.csv").set_index("VolumeName")
-            truth = y.set_index("VolumeName").loc[scores.index]
-            aucs = {c: label_auc(scores[c].to_numpy(float), truth[c].to_numpy(float)) for c in scores.columns}
-            aucs = {k: None if v is None else round(v, 4) for k, v in aucs.items()}
-
-            def macro(labels, aucs=aucs):
-                vals = [aucs[k] for k in labels if aucs.get(k) is not None]
-                return round(float(np.mean(vals)), 4) if vals else None
-
-            ft[key] = {"macro_auc_zero_shot_labels": macro(common), "macro_auc_all_labels": macro(evaluable),
-                       "auc": aucs, "seconds": round(time.perf_counter() - t0, 1), "run": str(run2)}
-            log.info("fine-tune seed %d: macro AUC %s (zero-shot labels), %s (all) in %.0f s", seed,
-                     ft[key]["macro_auc_zero_shot_labels"], ft[key]["macro_auc_all_labels"], ft[key]["seconds"])
-            _save(results, out)
+            if f"seed{seed}" not in ft:
+                ft[f"seed{seed}"] = finetune_run(seed, args.steps, work / f"finetune_seed{seed}")
+                _save(results, out)
         done = [ft[f"seed{s}"] for s in range(args.seeds) if f"seed{s}" in ft]
         if done:
             results["finetune"] = {k: _stats([r[k] for r in done]) for k in ("macro_auc_zero_shot_labels",
                                                                               "macro_auc_all_labels")}
+            _save(results, out)
+        if args.long_steps and results.get("finetune_long", {}).get("steps") != args.long_steps:
+            results["finetune_long"] = finetune_run(0, args.long_steps, work / f"finetune_long{args.long_steps}_seed0")
             _save(results, out)
 
     rows = [("zero-shot", results["zero_shot"]["macro_auc"], None)]
@@ -156,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     if "finetune" in results:
         rows.append(("fine-tune 100 %", results["finetune"]["macro_auc_zero_shot_labels"],
                      results["finetune"]["macro_auc_all_labels"]))
+    if "finetune_long" in results:
+        rows.append((f"fine-tune {results['finetune_long']['steps']} steps", results["finetune_long"][
+            "macro_auc_zero_shot_labels"], results["finetune_long"]["macro_auc_all_labels"]))
     for name, a, b in rows:
         fmt = (lambda x: "-" if x is None else f"{x:.3f}" if isinstance(x, float)  # noqa: E731
                else f"{x['mean']:.3f} +- {x['sd']:.3f}")
