@@ -1,6 +1,14 @@
-"""CT-RATE's 18 multi-abnormality labels, in the official column order of ``*_predicted_labels.csv``."""
+"""CT-RATE's 18 multi-abnormality labels (official column order of ``*_predicted_labels.csv``) and a reader for
+any 0/1 label CSV keyed by ``VolumeName`` (missing = empty, never 0)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CT_RATE_LABELS: tuple[str, ...] = (
     "Medical material",
@@ -24,7 +32,8 @@ CT_RATE_LABELS: tuple[str, ...] = (
 )
 
 
-def read_label_table(paths, columns=None):
+def read_label_table(paths: str | Path | Sequence[str | Path], columns: Sequence[str] | None = None
+                     ) -> pd.DataFrame:
     """Read one or more label CSVs keyed by ``VolumeName`` into a float frame indexed by volume key.
 
     Any CSV with a ``VolumeName`` column and 0/1 columns works (CT-RATE's 18, Rad-ChestCT's mapped labels, a
@@ -41,7 +50,7 @@ def read_label_table(paths, columns=None):
 
     from fvlm.metrics import volume_key
 
-    if isinstance(paths, (str, bytes)) or not hasattr(paths, "__iter__"):
+    if isinstance(paths, (str, Path)):
         paths = [p for p in str(paths).split(",") if p.strip()]
     frames = []
     for path in paths:
@@ -90,7 +99,7 @@ def read_label_table(paths, columns=None):
     return table
 
 
-def order_labels(labels):
+def order_labels(labels: Iterable[str]) -> list[str]:
     """Label names with CT-RATE's labels first, in the official order, then the others alphabetically."""
     order = {label: i for i, label in enumerate(CT_RATE_LABELS)}
     return sorted(labels, key=lambda label: (order.get(label, len(order)), label))
