@@ -252,6 +252,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", default="apache-2.0", help="license id for the card's metadata")
     p.add_argument("--name", default="", help="model name in the card (default: OUT's folder name)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    p = sub.add_parser("probe", help="linear probes (logistic regression per label) on the frozen anatomy embeddings, "
+                                     "at several label fractions and seeds, against zero-shot")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory (kept frozen)")
+    p.add_argument("--data", required=True, help="processed data directory (training and evaluated splits)")
+    p.add_argument("--labels", required=True,
+                   help="labels CSV(s), comma-separated (VolumeName + 0/1 columns; empty = missing, excluded)")
+    p.add_argument("--out", required=True, help="output directory (scores/, probe.json, probe_auc.png, cache/)")
+    p.add_argument("--fractions", default="0.01,0.1,1", help="fractions of the training labels (default 0.01,0.1,1)")
+    p.add_argument("--seeds", type=int, default=3, help="subsampling / cross-validation seeds per fraction")
+    p.add_argument("--features", choices=["mapped", "concat"], default="mapped",
+                   help="mapped: the anatomy the anatomy map reads each label from; concat: all anatomies")
+    p.add_argument("--anatomy-map", default="", help="label -> anatomy map: an anatomy table (name or JSON) or a JSON "
+                                                     "{label: anatomy | [anatomies]} (default: the run's table)")
+    p.add_argument("--columns", default="", help="comma-separated label columns to use (default: all)")
+    p.add_argument("--train-split", default="train", help="split the heads are fitted on")
+    p.add_argument("--split", default="valid", help="split that is scored")
+    p.add_argument("--cache", default="", help="embeddings cache directory (default: OUT/cache)")
+    p.add_argument("--no-zero-shot", action="store_true", help="do not score the run's zero-shot prompts")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=0, help="crops per forward pass (0 = config)")
+
+    p = sub.add_parser("finetune", help="fine-tune the image encoder + anatomy pooling end to end with per-label "
+                                        "heads (single process or torchrun); scores a split in the fvlm eval format")
+    p.add_argument("--checkpoint", default="",
+                   help="pre-trained run or checkpoint directory (not needed with --resume)")
+    p.add_argument("--data", required=True, help="processed data directory")
+    p.add_argument("--labels", default="",
+                   help="labels CSV(s), comma-separated (VolumeName + 0/1 columns; empty = missing, excluded)")
+    p.add_argument("--out", required=True, help="fine-tuned run directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the pre-trained run's config, e.g. --set train.max_steps=300 (repeatable; "
+                        "fine-tuning defaults: " + " ".join(["train.lr=1e-4", "train.epochs=5", "..."]) + ")")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
+    p.add_argument("--features", choices=["mapped", "concat"], default="mapped",
+                   help="heads read the anatomy the anatomy map gives each label (mapped) or all anatomies (concat)")
+    p.add_argument("--anatomy-map", default="", help="label -> anatomy map: an anatomy table (name or JSON) or a JSON "
+                                                     "{label: anatomy | [anatomies]} (default: the run's table)")
+    p.add_argument("--columns", default="", help="comma-separated label columns to use (default: all)")
+    p.add_argument("--loss", choices=["bce", "focal"], default="bce")
+    p.add_argument("--focal-gamma", type=float, default=2.0)
+    p.add_argument("--no-class-weights", action="store_true", help="BCE without pos_weight = negatives/positives")
+    p.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise learning-rate decay (1 = off)")
+    p.add_argument("--head-lr-scale", type=float, default=10.0, help="learning rate of the heads relative to train.lr")
+    p.add_argument("--jitter", type=float, default=0.1, help="random shift of the training crop (fraction of its size)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="use this fraction of the training labels (stratified per label, seed train.seed)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--split", default="valid", help="split scored at the end into OUT/scores_{split}.csv ('' = none)")
+    p.add_argument("--score-only", action="store_true", help="only score --split with the fine-tuned run in --out")
+    p.add_argument("--scores", default="", help="with --score-only: scores CSV path (default OUT/scores_{split}.csv)")
+    p.add_argument("--device", default="auto")
     return parser
 
 
@@ -351,6 +403,18 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from fvlm.probe import run_probe_cli
+
+    return run_probe_cli(args)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from fvlm.finetune import run_finetune_cli
+
+    return run_finetune_cli(args)
+
+
 COMMANDS = {
     "synth": _cmd_synth,
     "preprocess": _cmd_preprocess,
@@ -366,6 +430,8 @@ COMMANDS = {
     "convert-official": _cmd_convert_official,
     "embed": _cmd_embed,
     "export": _cmd_export,
+    "probe": _cmd_probe,
+    "finetune": _cmd_finetune,
 }
 
 

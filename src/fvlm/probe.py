@@ -1,0 +1,503 @@
+"""``fvlm probe``: label-efficient linear probes on the frozen anatomy embeddings.
+
+    fvlm probe --checkpoint RUN --data PROCESSED --labels train_labels.csv,valid_labels.csv --out probe/ \\
+        --fractions 0.01,0.1,1 --seeds 3
+
+The encoder stays frozen. The anatomy embeddings of the training split and of the evaluated split are
+computed once (the evaluation crops of :func:`fvlm.zeroshot.anatomy_embeddings`, which ``fvlm embed`` uses too)
+and cached in ``OUT/cache/embeddings_{split}.safetensors`` in ``fvlm embed``'s layout (``image/{anatomy}``,
+``valid/{anatomy}``, metadata ``volumes``/``anatomies``/...; no text tensors), keyed by a hash of the
+checkpoint's weights, config and anatomy table and of the processed split: a changed checkpoint or changed
+data recomputes them.
+
+Per label, one L2-regularised logistic regression (scikit-learn) on
+
+- ``mapped`` (default): the embedding of the anatomy the anatomy table's prompt reads the label from
+  (``--anatomy-map`` gives another table or a JSON ``{label: anatomy | [anatomies]}``; several anatomies are
+  concatenated; a label the map lacks uses all anatomies, which is logged), or
+- ``concat``: all anatomies' embeddings concatenated (an absent anatomy contributes zeros).
+
+Features are standardised with the training split's statistics; ``C`` is chosen from :data:`C_GRID` by
+stratified k-fold cross-validation (AUC) on the training labels only, ``k = min(5, positives, negatives)``; with
+fewer than 2 positives (or negatives) there is nothing to cross-validate and ``C = 1`` is used (recorded).
+Classes are balanced (``class_weight="balanced"``).
+
+Labels (:func:`fvlm.labels.read_label_table`): any CSV(s) keyed by ``VolumeName`` with 0/1 columns; an empty
+cell is a missing label, excluded for that label only. A label never positive (or never negative) in the
+training split is not scored: it is logged and listed under ``skipped`` in the JSON.
+
+Label fractions: for each fraction ``f < 1`` and seed, the training labels of each label are subsampled
+stratified: ``max(1, round(f * positives))`` positives and ``max(1, round(f * negatives))`` negatives, drawn
+at random (seeded by the seed and the label name). ``f = 1`` uses every training label.
+
+Outputs in ``OUT/``: ``scores/probe_f{fraction}_seed{seed}.csv`` (the ``fvlm eval`` format: ``VolumeName`` +
+one probability column per label, empty where the mapped anatomy is absent, so ``fvlm metrics`` reads them
+unchanged), ``scores/zeroshot.csv`` (the run's zero-shot scores of the same volumes, from the same cached
+embeddings), ``probe.json`` (per run and per label: AUC, chosen C, training counts; per fraction: mean and
+standard deviation of the macro AUC over the seeds; the zero-shot macro AUC on the same labels), and
+``probe_auc.png`` (macro AUC against label fraction, zero-shot as a horizontal line).
+AUCs in the JSON follow the protocol's missing-score rule of ``fvlm metrics`` (an empty score counts as 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fvlm.io import atomic_path, atomic_write_text
+from fvlm.labels import order_labels, read_label_table
+
+log = logging.getLogger(__name__)
+
+FEATURE_MODES = ("mapped", "concat")
+C_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+DEFAULT_C = 1.0
+MAX_FOLDS = 5
+GLOBAL = "global"  # the one "anatomy" of a global-mode run (as fvlm embed names it)
+
+
+# ------------------------------------------------------------------------------------------ embeddings cache
+def _file_digest(path: Path, h: Any) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+
+
+def cache_key(ckpt: Path, data: Path, split: str) -> str:
+    """Hash of what the embeddings depend on: the checkpoint's weights, config and anatomy table, and the
+    processed split (its preprocessing config and every volume's meta.json)."""
+    from fvlm.data import store
+
+    h = hashlib.sha256()
+    for name in ("model.safetensors", "config.json", "anatomy_table.json"):
+        _file_digest(ckpt / name, h)
+    p = data / "preprocess_config.json"
+    if p.is_file():
+        _file_digest(p, h)
+    for v in store.list_volumes(data, split):
+        h.update(v.encode() + b"\0")
+        _file_digest(store.volume_dir(data, split, v) / "meta.json", h)
+    h.update(split.encode())
+    return h.hexdigest()
+
+
+def _read_cache(path: Path, key: str) -> tuple[list[str], list[str], np.ndarray] | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("cache_key") != key:
+                log.info("%s was computed from another checkpoint or other data: recomputing", path)
+                return None
+            volumes, anatomies = json.loads(meta["volumes"]), json.loads(meta["anatomies"])
+            feats = np.stack([f.get_tensor(f"image/{a}") for a in anatomies], axis=1)
+    except (OSError, KeyError, ValueError) as e:  # unreadable / foreign file: recompute, never trust it
+        log.warning("ignoring unreadable embeddings cache %s (%s)", path, e)
+        return None
+    return volumes, anatomies, feats
+
+
+def split_embeddings(ckpt: Path, data: Path, split: str, cache_dir: Path, model_bundle: Any, device: Any,
+                     batch_size: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """(volumes, anatomies, float32 (N, A, E) with NaN where absent) of a split, from the cache or computed.
+
+    ``model_bundle``: a callable returning ``(model, cfg, table)`` (loaded only when needed).
+    """
+    from safetensors.numpy import save_file
+
+    key = cache_key(ckpt, data, split)
+    path = cache_dir / f"embeddings_{split}.safetensors"
+    cached = _read_cache(path, key)
+    if cached is not None:
+        log.info("embeddings of %s/%s from cache %s", data, split, path)
+        return cached
+    from fvlm.train import check_data_config
+    from fvlm.zeroshot import anatomy_embeddings
+
+    model, cfg, table = model_bundle()
+    check_data_config(cfg, table, data)
+    volumes, feats = anatomy_embeddings(model, cfg, table, data, split, device, batch_size)
+    anatomies = [GLOBAL] if cfg.loss.mode == "global" else list(table.names)
+    tensors = {}
+    for k, a in enumerate(anatomies):
+        img = np.ascontiguousarray(feats[:, k], dtype=np.float32)
+        tensors[f"image/{a}"] = img
+        tensors[f"valid/{a}"] = np.isfinite(img).all(axis=1)
+    metadata = {"volumes": json.dumps(volumes), "anatomies": json.dumps(anatomies), "checkpoint": str(ckpt),
+                "split": split, "mode": cfg.loss.mode, "embed_dim": str(feats.shape[2]), "cache_key": key,
+                "texts": "none (image embeddings only: fvlm probe cache)"}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    log.info("cached %d x %d embeddings of %s/%s -> %s", len(volumes), len(anatomies), data, split, path)
+    return volumes, anatomies, feats
+
+
+# ------------------------------------------------------------------------------------------ labels -> features
+def label_anatomies(labels: Sequence[str], anatomies: Sequence[str], table: Any, features: str = "mapped",
+                    anatomy_map: str | None = None) -> tuple[dict[str, list[str]], list[str]]:
+    """Which anatomies' embeddings each label's head reads; and the labels that fell back to all anatomies.
+
+    ``anatomies``: the embeddings' anatomies (``["global"]`` for a global-mode run: every label reads it).
+    ``anatomy_map``: None (the run's anatomy table prompts), a shipped table name / table JSON, or a JSON file
+    ``{label: anatomy or [anatomies]}``.
+    """
+    if features not in FEATURE_MODES:
+        raise ValueError(f"features must be one of {FEATURE_MODES}, got {features!r}")
+    anatomies = list(anatomies)
+    if features == "concat" or anatomies == [GLOBAL]:
+        return {label: anatomies for label in labels}, []
+    mapping: dict[str, list[str]] = {}
+    source = "the run's anatomy table"
+    if anatomy_map:
+        from fvlm.anatomy import load_anatomy_table
+
+        source = str(anatomy_map)
+        p = Path(anatomy_map)
+        raw = None
+        if p.is_file():
+            try:
+                raw = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--anatomy-map {p}: not JSON ({e})") from None
+        if isinstance(raw, dict) and "anatomies" not in raw:
+            for label, value in raw.items():
+                names = [value] if isinstance(value, str) else value
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
+                    raise ValueError(f"--anatomy-map {p}: {label!r} must map to an anatomy name or a list of them")
+                mapping[label] = list(names)
+        else:
+            other = load_anatomy_table(anatomy_map)
+            mapping = {pr.label: [pr.anatomy] for pr in other.prompts}
+    elif table is not None:
+        mapping = {pr.label: [pr.anatomy] for pr in table.prompts}
+    unknown = sorted({a for names in mapping.values() for a in names if a not in anatomies})
+    if unknown and any(label in labels for label, names in mapping.items() if set(names) & set(unknown)):
+        raise ValueError(f"anatomy map ({source}) names anatomies {unknown} the run does not have ({anatomies})")
+    out, fallback = {}, []
+    for label in labels:
+        if label in mapping:
+            out[label] = mapping[label]
+        else:
+            out[label] = anatomies
+            fallback.append(label)
+    if fallback:
+        log.info("no anatomy mapped to %s by %s: their heads read all anatomies concatenated", fallback, source)
+    return out, fallback
+
+
+def feature_matrix(feats: np.ndarray, anatomies: Sequence[str], use: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated embeddings of the anatomies ``use`` (absent ones as zeros) and which rows are usable
+    (at least one of them present): float64 (N, len(use) * E), bool (N,)."""
+    idx = [list(anatomies).index(a) for a in use]
+    sub = feats[:, idx]  # (N, k, E)
+    present = np.isfinite(sub).all(axis=2)  # (N, k)
+    x = np.nan_to_num(sub, nan=0.0).reshape(len(feats), -1).astype(np.float64)
+    return x, present.any(axis=1)
+
+
+def subsample(y: np.ndarray, fraction: float, seed: int, label: str) -> np.ndarray:
+    """bool mask of the labelled rows of ``y`` (float, NaN = missing) kept at ``fraction``, stratified:
+    ``max(1, round(fraction * n))`` of each class present, drawn with a generator seeded by (seed, label)."""
+    labelled = ~np.isnan(y)
+    if fraction >= 1.0:
+        return labelled
+    if not 0.0 < fraction:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+    keep = np.zeros(len(y), dtype=bool)
+    for cls in (0.0, 1.0):
+        rows = np.flatnonzero(labelled & (y == cls))
+        if len(rows):
+            k = max(1, int(round(fraction * len(rows))))
+            keep[rng.choice(rows, size=k, replace=False)] = True
+    return keep
+
+
+# ------------------------------------------------------------------------------------------ one head
+@dataclass
+class Head:
+    """A fitted per-label head: standardisation + logistic regression, and how C was chosen."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    clf: Any
+    C: float
+    cv_folds: int
+    cv_auc: float | None
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.clf.predict_proba((x - self.mean) / self.scale)[:, 1]
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, seed: int = 0, cs: Sequence[float] = C_GRID,
+             max_folds: int = MAX_FOLDS) -> Head:
+    """Fit one label's head on training rows ``x`` (n, d), ``y`` (n,) in {0, 1} (both classes present)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    y = y.astype(int)
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"a head needs both classes, got {n_pos} positive(s) and {n_neg} negative(s)")
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale < 1e-8] = 1.0
+    z = (x - mean) / scale
+
+    def make(c: float):
+        return LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+
+    folds = min(max_folds, n_pos, n_neg)
+    best_c, best_auc = DEFAULT_C, None
+    if folds >= 2:
+        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        splits = list(cv.split(z, y))
+        for c in cs:
+            aucs = []
+            for tr, te in splits:
+                p = make(c).fit(z[tr], y[tr]).predict_proba(z[te])[:, 1]
+                aucs.append(roc_auc_score(y[te], p))
+            auc = float(np.mean(aucs))
+            if best_auc is None or auc > best_auc + 1e-12:  # ties: the smallest C (strongest regularisation)
+                best_c, best_auc = float(c), auc
+    clf = make(best_c).fit(z, y)
+    return Head(mean, scale, clf, best_c, folds if folds >= 2 else 0, best_auc)
+
+
+def label_auc(scores: np.ndarray, truth: np.ndarray) -> float | None:
+    """AUC of one label over its labelled volumes (NaN truth excluded); a missing score counts as 0 (the
+    protocol's rule in ``fvlm metrics``). None when the volumes hold a single class."""
+    from sklearn.metrics import roc_auc_score
+
+    keep = ~np.isnan(truth)
+    y, s = truth[keep], np.nan_to_num(scores[keep], nan=0.0)
+    if y.size == 0 or y.min() == y.max():
+        return None
+    return float(roc_auc_score(y, s))
+
+
+def _macro(aucs: dict[str, float | None], labels: Sequence[str]) -> float | None:
+    vals = [aucs[label] for label in labels if aucs.get(label) is not None]
+    return round(float(np.mean(vals)), 4) if vals else None
+
+
+def _aligned_labels(table: pd.DataFrame, volumes: Sequence[str], split: str) -> pd.DataFrame:
+    """Label rows of ``volumes`` (NaN rows for volumes the CSV lacks: every label missing)."""
+    frame = table.reindex(list(volumes))
+    absent = int(frame.isna().all(axis=1).sum())
+    if absent == len(volumes):
+        raise ValueError(f"none of the {len(volumes)} volumes of split {split!r} has a row in the labels CSV(s) "
+                         f"(e.g. {list(volumes)[:3]} vs {list(table.index[:3])})")
+    if absent:
+        log.warning("%d of %d volumes of %s have no labels (left out)", absent, len(volumes), split)
+    return frame
+
+
+def scores_frame(volumes: Sequence[str], columns: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The ``fvlm eval`` scores format: ``VolumeName`` (with ``.nii.gz``) + one column per label."""
+    order = order_labels(columns)
+    return pd.DataFrame({"VolumeName": [f"{v}.nii.gz" for v in volumes], **{c: columns[c] for c in order}})
+
+
+def write_scores(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path, suffix=".csv") as tmp:
+        df.to_csv(tmp, index=False, na_rep="")
+
+
+def _frac_name(f: float) -> str:
+    return f"{f:g}"
+
+
+# ------------------------------------------------------------------------------------------ the command
+def run_probe(checkpoint: str | Path, data: str | Path, labels: str | Sequence[str], out: str | Path,
+              fractions: Sequence[float] = (0.01, 0.1, 1.0), seeds: int = 3, anatomy_map: str | None = None,
+              features: str = "mapped", train_split: str = "train", split: str = "valid", device: str = "auto",
+              batch_size: int = 0, cache: str | Path | None = None, zero_shot: bool = True,
+              label_columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """Fit and score the probes; writes ``OUT/`` (see the module docstring) and returns the summary dict."""
+    from fvlm.checkpoint import load_run_config, resolve_checkpoint
+    from fvlm.train import resolve_device
+
+    data, out = Path(data), Path(out)
+    fractions = sorted({float(f) for f in fractions})
+    if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
+        raise ValueError(f"label fractions must lie in (0, 1], got {fractions}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg, table = load_run_config(ckpt)
+    dev = resolve_device(device)
+    bundle: dict[str, Any] = {}
+
+    def model_bundle():
+        if not bundle:
+            from fvlm.checkpoint import load_model
+
+            bundle["m"] = load_model(ckpt, dev)
+        return bundle["m"]
+
+    label_table = read_label_table(labels, label_columns)
+    cache_dir = Path(cache) if cache else out / "cache"
+    tr_vol, anatomies, tr_feats = split_embeddings(ckpt, data, train_split, cache_dir, model_bundle, dev, batch_size)
+    ev_vol, _, ev_feats = split_embeddings(ckpt, data, split, cache_dir, model_bundle, dev, batch_size)
+    y_tr = _aligned_labels(label_table, tr_vol, train_split)
+    y_ev = _aligned_labels(label_table, ev_vol, split)
+    all_labels = order_labels(label_table.columns)
+    use, fallback = label_anatomies(all_labels, anatomies, table, features, anatomy_map)
+
+    label_info: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    prepared: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for label in all_labels:
+        x_tr, ok_tr = feature_matrix(tr_feats, anatomies, use[label])
+        x_ev, ok_ev = feature_matrix(ev_feats, anatomies, use[label])
+        yt = y_tr[label].to_numpy(dtype=np.float64)
+        yt = np.where(ok_tr, yt, np.nan)  # no usable embedding: not a training row
+        ye = y_ev[label].to_numpy(dtype=np.float64)
+        n_pos, n_neg = int(np.nansum(yt == 1)), int(np.nansum(yt == 0))
+        info = {"anatomies": use[label], "train_positives": n_pos, "train_negatives": n_neg,
+                "train_missing": int(np.isnan(y_tr[label].to_numpy(dtype=np.float64)).sum()),
+                "eval_positives": int(np.nansum(ye == 1)), "eval_negatives": int(np.nansum(ye == 0)),
+                "eval_missing": int(np.isnan(ye).sum())}
+        label_info[label] = info
+        if n_pos == 0 or n_neg == 0:
+            reason = (f"never {'positive' if n_pos == 0 else 'negative'} in the training labels "
+                      f"({n_pos} positive, {n_neg} negative of {n_pos + n_neg} labelled {train_split} volumes)")
+            skipped[label] = reason
+            log.warning("label %r not scored: %s", label, reason)
+            continue
+        if info["eval_positives"] == 0 or info["eval_negatives"] == 0:
+            log.warning("label %r: %s holds a single class (%d positive, %d negative): scored, no AUC", label, split,
+                        info["eval_positives"], info["eval_negatives"])
+        prepared[label] = (x_tr, yt, x_ev, ok_ev, ye)
+    if not prepared:
+        raise ValueError(f"no label has both classes in the training labels of split {train_split!r}: {skipped}")
+    scored = list(prepared)
+    evaluable = [label for label in scored
+                 if label_info[label]["eval_positives"] and label_info[label]["eval_negatives"]]
+
+    zs: dict[str, Any] | None = None
+    if zero_shot and table.prompts:
+        from fvlm.zeroshot import prompt_probabilities
+
+        model, mcfg, mtable = model_bundle()
+        probs = prompt_probabilities(model, mcfg, mtable, ev_feats.astype(np.float32), dev)
+        write_scores(scores_frame(ev_vol, probs), out / "scores" / "zeroshot.csv")
+        aucs = {label: label_auc(p, y_ev[label].to_numpy(dtype=np.float64)) if label in y_ev else None
+                for label, p in probs.items()}
+        common = [label for label in evaluable if aucs.get(label) is not None]
+        zs = {"scores": str(out / "scores" / "zeroshot.csv"), "auc": aucs, "labels": common,
+              "macro_auc": _macro(aucs, common)}
+    common = zs["labels"] if zs else []
+
+    from threadpoolctl import threadpool_limits
+
+    runs = []
+    for fraction, seed in ((f, s) for f in fractions for s in range(seeds)):
+        # small BLAS problems: one thread each is ~10x faster than contended multi-threading
+        with threadpool_limits(limits=1):
+            columns, aucs, chosen = {}, {}, {}
+            for label in scored:
+                x_tr, yt, x_ev, ok_ev, ye = prepared[label]
+                keep = subsample(yt, fraction, seed, label)
+                head = fit_head(x_tr[keep], yt[keep], seed=seed)
+                p = np.full(len(ev_vol), np.nan)
+                p[ok_ev] = head.predict(x_ev[ok_ev])
+                columns[label] = p
+                aucs[label] = label_auc(p, ye)
+                chosen[label] = {"C": head.C, "cv_folds": head.cv_folds,
+                                 "cv_auc": None if head.cv_auc is None else round(head.cv_auc, 4),
+                                 "train_positives": int(yt[keep].sum()), "train_n": int(keep.sum())}
+            path = out / "scores" / f"probe_f{_frac_name(fraction)}_seed{seed}.csv"
+            write_scores(scores_frame(ev_vol, columns), path)
+            run = {"fraction": fraction, "seed": seed, "scores": str(path), "macro_auc": _macro(aucs, evaluable),
+                   "macro_auc_zero_shot_labels": _macro(aucs, common) if common else None,
+                   "auc": {k: None if v is None else round(v, 4) for k, v in aucs.items()}, "heads": chosen}
+            runs.append(run)
+            log.info("probe fraction %g seed %d: macro AUC %s over %d labels -> %s", fraction, seed,
+                     run["macro_auc"], len(evaluable), path)
+
+    by_fraction = {}
+    for fraction in fractions:
+        rows = [r for r in runs if r["fraction"] == fraction]
+        entry = {}
+        for key in ("macro_auc", "macro_auc_zero_shot_labels"):
+            vals = [r[key] for r in rows if r[key] is not None]
+            entry[key] = {"mean": round(statistics.mean(vals), 4) if vals else None,
+                          "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0 if vals else None,
+                          "seeds": vals}
+        entry["mean_train_n"] = round(statistics.mean(
+            statistics.mean(h["train_n"] for h in r["heads"].values()) for r in rows), 1)
+        by_fraction[_frac_name(fraction)] = entry
+    summary = {"checkpoint": str(ckpt), "data": str(data), "labels": labels if isinstance(labels, str)
+               else list(map(str, labels)), "features": features, "anatomy_map": anatomy_map or "run's anatomy table",
+               "train_split": train_split, "split": split, "fractions": fractions, "seeds": seeds,
+               "c_grid": list(C_GRID), "train_volumes": len(tr_vol), "eval_volumes": len(ev_vol),
+               "scored_labels": scored, "evaluable_labels": evaluable, "skipped": skipped,
+               "fallback_all_anatomies": fallback, "label_info": label_info, "zero_shot": zs,
+               "by_fraction": by_fraction, "runs": runs}
+    atomic_write_text(out / "probe.json", json.dumps(summary, indent=2) + "\n")
+    plot_fractions(summary, out / "probe_auc.png")
+    log.info("probe summary -> %s", out / "probe.json")
+    return summary
+
+
+def plot_fractions(summary: dict[str, Any], path: Path) -> None:
+    """Macro AUC (mean +- sd over seeds) against the label fraction (log scale), zero-shot as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    zs = summary.get("zero_shot")
+    key = "macro_auc_zero_shot_labels" if zs and zs.get("labels") else "macro_auc"
+    fr = [float(f) for f in summary["by_fraction"]]
+    mean = [summary["by_fraction"][f][key]["mean"] for f in summary["by_fraction"]]
+    std = [summary["by_fraction"][f][key]["std"] for f in summary["by_fraction"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar([f * 100 for f in fr], [m if m is not None else np.nan for m in mean],
+                yerr=[s or 0 for s in std], marker="o", capsize=4, label=f"linear probe ({summary['features']})")
+    if zs and zs.get("macro_auc") is not None:
+        ax.axhline(zs["macro_auc"], color="tab:red", ls="--", label="zero-shot")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"% of {summary['train_split']} labels used")
+    n = len(zs["labels"]) if zs and zs.get("labels") else len(summary["evaluable_labels"])
+    ax.set_ylabel(f"macro AUC ({summary['split']}, {n} labels)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def run_probe_cli(args: Any) -> int:
+    try:
+        fractions = [float(f) for f in str(args.fractions).split(",") if f.strip()]
+    except ValueError:
+        raise ValueError(f"--fractions: expected comma-separated numbers, got {args.fractions!r}") from None
+    run_probe(args.checkpoint, args.data, args.labels, args.out, fractions=fractions, seeds=args.seeds,
+              anatomy_map=args.anatomy_map or None, features=args.features, train_split=args.train_split,
+              split=args.split, device=args.device, batch_size=args.batch_size, cache=args.cache or None,
+              zero_shot=not args.no_zero_shot,
+              label_columns=[c.strip() for c in args.columns.split(",")] if args.columns else None)
+    return 0
+
+
+__all__ = ["C_GRID", "FEATURE_MODES", "fit_head", "label_anatomies", "label_auc", "run_probe", "split_embeddings",
+           "subsample"]
