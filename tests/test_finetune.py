@@ -140,3 +140,30 @@ def test_heads_read_only_their_anatomies_and_layer_decay_groups():
         1e-3 * 0.5 ** (depth + 1))
     assert not any(n.startswith(("fvlm.text_encoder", "fvlm.text_proj")) or n == "fvlm.temp"
                    for n, p in named.items() if id(p) in lr_of)
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_two_cpu_processes(tiny_data, source, tmp_path):
+    """``torchrun --nproc_per_node=2 -m fvlm finetune`` (gloo): one consistent run, both ranks' RNG states, scores."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "fvlm", "finetune", "--checkpoint", str(source), "--data", str(tiny_data),
+           "--labels", str(tiny_data / "labels" / "train_labels.csv"), "--out", str(run), "--device", "cpu",
+           "--set", "train.batch_size=2", "--set", "train.max_steps=2", "--set", "train.log_every=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(latest_checkpoint(run) / "training_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 2 and state["rng"]["torch"].shape[0] == 2
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "log.csv"))] == [1, 2]
+    assert pd.read_csv(run / "scores_valid.csv").shape[0] == len(pd.read_csv(tiny_data / "manifest.csv").query(
+        "split == 'valid' and status == 'ok'"))
