@@ -108,3 +108,21 @@ def test_scans_without_texts_and_absent_anatomies_are_not_valid(setup, tmp_path)
     assert not t["valid/esophagus"][i] and np.isnan(t["image/esophagus"][i]).all()
     assert t["valid/lung"][i] == (scan_id(name) != dropped)
     retrieval_from_file(out, ks=(1,))  # invalid rows (NaN) are ignored by the reader
+
+
+def test_volume_texts_follow_the_runs_text_rule(tmp_path):
+    """A converted run (``data.text_rule=released``) embeds the texts the released code builds: a scan missing
+    from the anatomy-text files is all-normal (template), not left out as under our rule."""
+    import json
+
+    from fvlm.embed import volume_texts
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "desc_info.json").write_text(json.dumps({"valid_1_a": {"lung": "Nodule in the lung"}}))
+    (tmp_path / "texts" / "conc_info.json").write_text(json.dumps({"valid_1_a": {"lung": "Lung nodule"}}))
+    vols = ["valid_1_a_1", "valid_2_a_1"]
+    ours = volume_texts(vols, ["lung", "heart"], tmp_path, "valid", False)
+    released = volume_texts(vols, ["lung", "heart"], tmp_path, "valid", False, rule="released")
+    assert ours[1] == [None, None]
+    assert released[1] == ["lung shows no significant abnormalities.", "heart shows no significant abnormalities."]
+    assert released[0][0] == "Lung nodule.Nodule in the lung." and ours[0][0] == "Lung nodule Nodule in the lung"

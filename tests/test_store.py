@@ -271,6 +271,12 @@ def test_config_mismatch():
     assert len(diffs) == 1 and "data.spacing" in diffs[0]
     table2 = {"anatomies": [{"name": "lung", "classes": ["lung_lower_lobe_left"]}]}
     assert "different classes" in store.config_mismatch(stored, same, table2)[0]
+    # the released after-margins (4/19/19) shape the arrays too; an empty margin_after means data.margin
+    released = {**stored["data"], "margin_after": [4, 19, 19]}
+    diffs = store.config_mismatch(stored, released, stored["anatomy_table"])
+    assert len(diffs) == 1 and "data.margin_after" in diffs[0]
+    assert store.config_mismatch(stored, {**stored["data"], "margin_after": [5, 20, 20]}, stored["anatomy_table"]) == []
+    assert store.config_mismatch({**stored, "data": released}, released, stored["anatomy_table"]) == []
 
 
 def test_consumers_read_both_formats_alike(tmp_path):

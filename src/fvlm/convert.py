@@ -381,10 +381,12 @@ def convert_official(ckpt: str | Path, out: str | Path, text_model: str = "", to
         # frozen text parameters LAVIS did not save: they still hold the pretrained values
         from transformers import BertModel
 
+        from fvlm.hub import quiet_transformers
         from fvlm.model.text_encoder import resolve_text_path
 
-        pretrained = BertModel.from_pretrained(resolve_text_path(text_model), add_pooling_layer=False,
-                                               local_files_only=True).state_dict()
+        with quiet_transformers():  # transformers' load-report table means nothing here: we pick tensors below
+            pretrained = BertModel.from_pretrained(resolve_text_path(text_model), add_pooling_layer=False,
+                                                   local_files_only=True).state_dict()
         for k in text_missing:
             src = pretrained.get(k[len("text_encoder."):])
             if src is not None and tuple(src.shape) == tuple(target[k].shape):

@@ -54,14 +54,16 @@ def encode_texts(model: torch.nn.Module, texts: list[str], max_length: int, devi
 
 
 def volume_texts(volumes: list[str], anatomies: list[str], root: Path, split: str, global_mode: bool,
-                 texts_dir: str | Path | None = None) -> list[list[str | None]]:
-    """The text of each volume (rows) and anatomy (columns); ``None`` where the scan has none."""
+                 texts_dir: str | Path | None = None, rule: str = "fvlm") -> list[list[str | None]]:
+    """The text of each volume (rows) and anatomy (columns); ``None`` where the scan has none.
+
+    ``rule``: the run's ``data.text_rule`` (``released``: texts built as the released CaptionDataset does)."""
     if global_mode:
         from fvlm.data.dataset import _report_texts
 
         reports = _report_texts(root, split)
         return [[reports.get(_scan_of(v)) or None] for v in volumes]
-    texts = AnatomyTexts.load(Path(texts_dir) if texts_dir else root / "texts")
+    texts = AnatomyTexts.load(Path(texts_dir) if texts_dir else root / "texts", rule=rule)
     rows = []
     for v in volumes:
         scan = _scan_of(v)
@@ -95,7 +97,7 @@ def embed(checkpoint: str | Path, data: str | Path, split: str = "valid", out: s
     anatomies = [GLOBAL] if global_mode else list(table.names)
 
     volumes, image = anatomy_embeddings(model, cfg, table, root, split, dev, batch_size)  # (N, A, E)
-    rows = volume_texts(volumes, anatomies, root, split, global_mode, texts)
+    rows = volume_texts(volumes, anatomies, root, split, global_mode, texts, rule=cfg.data.text_rule)
     unique = sorted({t for row in rows for t in row if t})
     index = {t: i for i, t in enumerate(unique)}
     log.info("encoding %d distinct texts of %d volumes x %d anatomies", len(unique), len(volumes), len(anatomies))

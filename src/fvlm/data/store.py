@@ -434,6 +434,11 @@ def config_mismatch(stored: dict[str, Any], data: dict[str, Any], table: dict[st
             same = a == b
         if not same:
             diffs.append(f"data.{k}: store has {a!r}, requested {b!r}")
+    # margin after the anatomies' box: empty means data.margin (stores written before the key existed lack it)
+    after_a = list(sd.get("margin_after") or sd.get("margin") or [])
+    after_b = list(data.get("margin_after") or data.get("margin") or [])
+    if [float(x) for x in after_a] != [float(x) for x in after_b]:
+        diffs.append(f"data.margin_after: store has {after_a!r}, requested {after_b!r}")
     if table is not None:
         groups_a = [(a["name"], sorted(a["classes"])) for a in stored.get("anatomy_table", {}).get("anatomies", [])]
         groups_b = [(a["name"], sorted(a["classes"])) for a in table.get("anatomies", [])]
