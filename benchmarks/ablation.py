@@ -44,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # runs finished by an earlier session (its --out may be gone): the results JSON this command keeps
+    results = Path(args.results)
+    previous = json.loads(results.read_text()).get("runs", []) if results.is_file() else []
     table = run_ablation(Path(args.out), config=args.config, overrides=args.overrides, seeds=args.seeds,
                          n_train=args.train, n_valid=args.valid, workers=args.workers, variants=args.variants,
-                         max_runs=0 if args.collect else args.max_runs)
+                         max_runs=0 if args.collect else args.max_runs, previous=previous)
     summary = json.loads((Path(args.out) / "ablation.json").read_text())
     cont = f"nice -n 19 python benchmarks/ablation.py --out {args.out} --seeds {args.seeds}"
     atomic_write_text(Path(args.results), json.dumps(

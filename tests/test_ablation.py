@@ -108,3 +108,16 @@ def test_checkpoint_without_marker_is_resumed_and_marker_written_last(tiny_data,
     # without its marker the same directory is not finished (e.g. killed between result and marker)
     (run / MARKER).unlink()
     assert finished_result(run) is None
+
+
+def test_runs_recorded_by_an_earlier_session_are_reused_only_when_they_match():
+    """The ablation spans sessions: a run in the committed results JSON counts as finished when variant, seed
+    and text length match, and never otherwise (a run at another text length must be trained again)."""
+    from fvlm.ablation import previous_result
+
+    previous = [{"variant": "global", "seed": 0, "macro_auc": 0.6, "text_max_length": 448},
+                {"variant": "anatomy", "seed": 1, "macro_auc": 0.7, "text_max_length": 96}]
+    assert previous_result(previous, "global", 0, 448)["macro_auc"] == 0.6
+    assert previous_result(previous, "global", 1, 448) is None
+    assert previous_result(previous, "anatomy", 1, 448) is None  # measured with truncated texts: redo
+    assert previous_result([], "global", 0, 448) is None

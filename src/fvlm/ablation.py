@@ -200,13 +200,25 @@ def finish_run(run: Path, cfg: Any, processed: Path, labels: Any, variant: str, 
     return result
 
 
+def previous_result(previous: list[dict[str, Any]], variant: str, seed: int, max_length: int) -> dict[str, Any] | None:
+    """A finished run recorded by an earlier session (the committed results JSON), if it matches this one."""
+    for r in previous:
+        if r.get("variant") == variant and r.get("seed") == seed and r.get("text_max_length") == max_length:
+            return r
+    return None
+
+
 def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = None, seed: int = 0,
                  seeds: int = 5, n_train: int = 0, n_valid: int = 0, workers: int = 2,
-                 variants: list[str] | None = None, max_runs: int | None = None) -> str:
+                 variants: list[str] | None = None, max_runs: int | None = None,
+                 previous: list[dict[str, Any]] | None = None) -> str:
     """Train and evaluate every variant x seed on one synthetic data set (seed-major order, so that paired
     comparisons are available early); finished runs are skipped. Returns the markdown table.
 
     ``max_runs``: train at most that many new runs (0 = only collect the finished ones; ``None`` = all).
+    ``previous``: finished runs recorded elsewhere (the committed ``benchmarks/results/ablation.json`` of an
+    earlier session, whose ``OUT`` is gone): taken as finished when variant, seed and text length match, so
+    the ablation spans sessions (the data set and every run are seeded).
     """
     import pandas as pd
 
@@ -267,6 +279,11 @@ def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = 
         result = finished_result(run)
         if result is not None:
             log.info("ablation %s seed %d: finished already (%s)", variant, s, run / MARKER)
+            runs.append(result)
+            continue
+        result = previous_result(previous or [], variant, s, max_length)
+        if result is not None:
+            log.info("ablation %s seed %d: finished in an earlier session (recorded results)", variant, s)
             runs.append(result)
             continue
         if max_runs is not None and new >= max_runs:
