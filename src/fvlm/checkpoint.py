@@ -30,11 +30,11 @@ version 1 that the tests load and compare against stored outputs).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import torch
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
 from fvlm.config import Config, config_from_dict
-from fvlm.io import atomic_write_text
+from fvlm.io import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,6 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- manifest
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour a model folder depends on (recorded, not enforced)."""
     import importlib.metadata as md
@@ -177,8 +169,12 @@ def checkpoint_dir(run: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, cfg: Config, table: AnatomyTable,
-                    training_state: dict[str, Any] | None = None) -> Path:
-    """Write ``checkpoints/step_{step}`` atomically (temp dir + rename) and point ``latest`` at it."""
+                    training_state: dict[str, Any] | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``checkpoints/step_{step}`` atomically (temp dir + rename) and point ``latest`` at it.
+
+    ``extra(folder)`` writes further files into the folder before the manifest (e.g. fine-tuning heads), so
+    they are covered by the same integrity check."""
     final = checkpoint_dir(run, step)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
@@ -188,6 +184,8 @@ def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, cfg: Con
         write_model_files(tmp, model, cfg, table)
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
+        if extra is not None:
+            extra(tmp)
         write_manifest(tmp)  # last: a folder whose manifest matches is complete
         if final.exists():
             shutil.rmtree(final)

@@ -35,7 +35,6 @@ reshaped, unmapped and filled key).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ import torch
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
 from fvlm.config import Config, load_config
-from fvlm.io import atomic_write_text
+from fvlm.io import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +282,6 @@ def _resolved(spec: str) -> str:
     return spec if spec.startswith("builtin:") else str(Path(spec).expanduser().resolve())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def build_config(config: str | Path, overrides: Sequence[str] | None, text_model: str, tokenizer: str,
                  text_fields: dict[str, Any]) -> Config:
@@ -415,7 +407,7 @@ def convert_official(ckpt: str | Path, out: str | Path, text_model: str = "", to
     result = {
         "source": str(ckpt.resolve()),
         "source_bytes": ckpt.stat().st_size,
-        "source_sha256": _sha256(ckpt),
+        "source_sha256": file_sha256(ckpt),
         "checkpoint": str(ckpt_dir),
         "config": str(config),
         "lavis_config": str(Path(model_config).resolve()) if model_config else "",

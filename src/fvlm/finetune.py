@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -279,38 +277,23 @@ def label_loss(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
 # ------------------------------------------------------------------------------------------------ checkpoint
 def _save(run: Path, step: int, micro: int, model: FinetuneModel, optimizer: Any, scheduler: Any, cfg: Config,
           table: AnatomyTable, spec: FinetuneSpec, dev: torch.device, world: int) -> None:
-    """:func:`fvlm.checkpoint.save_checkpoint`'s layout and atomicity, plus the heads and ``finetune.json``."""
+    """A pre-training checkpoint (:func:`fvlm.checkpoint.save_checkpoint`) plus the heads and ``finetune.json``."""
     from safetensors.torch import save_file
 
-    from fvlm.checkpoint import STATE, WEIGHTS, checkpoint_dir
-    from fvlm.io import atomic_write_text
-    from fvlm.model.fvlm import save_weights
+    from fvlm.checkpoint import save_checkpoint
     from fvlm.train import _rng_states
 
     rng = _rng_states(dev)  # a collective: every rank takes part
+
+    def heads_and_spec(folder: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()},
+                  str(folder / HEADS), metadata={"labels": json.dumps(spec.labels)})
+        spec.save(folder / SPEC)
+
     if dist.is_main():
-        final = checkpoint_dir(run, step)
-        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        try:
-            save_weights(model.fvlm, tmp / WEIGHTS)
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()},
-                      str(tmp / HEADS), metadata={"labels": json.dumps(spec.labels)})
-            spec.save(tmp / SPEC)
-            cfg.save(tmp / "config.json")
-            (tmp / "anatomy_table.json").write_text(json.dumps(table.to_dict(), indent=2) + "\n")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                        "micro": micro, "world_size": world, "rng": rng}, tmp / STATE)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        atomic_write_text(final.parent / "latest", final.name + "\n")
-        log.info("checkpoint %s", final)
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                 "micro": micro, "world_size": world, "rng": rng}
+        save_checkpoint(run, step, model.fvlm, cfg, table, training_state=state, extra=heads_and_spec)
     dist.barrier()
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -56,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from fvlm.io import atomic_write_text
+from fvlm.io import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -314,15 +313,6 @@ def _check_b2nd(p: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
     if arr.dtype != dtype:
         return f"{p.name} dtype {arr.dtype} != meta {dtype}"
     return None
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_volume_dir(d: str | Path, verify: bool = False) -> str | None:
