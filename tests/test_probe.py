@@ -190,3 +190,12 @@ def test_probe_on_a_real_tiny_run_caches_embeddings_and_matches_eval(tiny_data, 
     other = _tiny_run(tmp_path / "other", seed=1)
     with pytest.raises(AssertionError, match="recomputed"):
         probe.run_probe(other, tiny_data, labels, out, fractions=[1.0], seeds=1, device="cpu")
+
+
+def test_split_names_cannot_leave_the_output_folders(tmp_path):
+    """``--split`` becomes part of the embeddings cache file name: one safe name only."""
+    from fvlm.probe import split_embeddings
+
+    with pytest.raises(ValueError, match="split"):
+        split_embeddings(tmp_path, tmp_path, "../outside", tmp_path / "cache", None, "cpu", 0)
+    assert not (tmp_path / "outside.safetensors").exists() and not (tmp_path / "cache").exists()

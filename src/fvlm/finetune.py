@@ -53,6 +53,7 @@ from tqdm import tqdm
 from fvlm import distributed as dist
 from fvlm.anatomy import AnatomyTable
 from fvlm.config import Config
+from fvlm.paths import safe_component
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def score_split(run: str | Path, data: str | Path, split: str, out: str | Path |
     logits, usable = model.heads(x, present.to(dev))
     probs = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
     probs[~usable.cpu().numpy()] = np.nan
-    out = Path(out) if out else Path(run) / f"scores_{split}.csv"
+    out = Path(out) if out else Path(run) / f"scores_{safe_component(split, 'split')}.csv"
     if out.is_dir():
         raise ValueError(f"scores output {out} is a directory")
     write_scores(scores_frame(volumes, {label: probs[:, i] for i, label in enumerate(spec.labels)}), out)

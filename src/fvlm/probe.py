@@ -56,6 +56,7 @@ import pandas as pd
 
 from fvlm.io import atomic_path, atomic_write_text
 from fvlm.labels import order_labels, read_label_table
+from fvlm.paths import safe_component
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def split_embeddings(ckpt: Path, data: Path, split: str, cache_dir: Path, model_
     """
     from safetensors.numpy import save_file
 
+    safe_component(split, "split")  # part of the cache file name: checked before any file is read or written
     key = cache_key(ckpt, data, split)
     path = cache_dir / f"embeddings_{split}.safetensors"
     cached = _read_cache(path, key)
