@@ -24,7 +24,7 @@ from pathlib import Path
 
 from machine import machine as describe_machine  # noqa: E402  (sibling module of the benchmarks)
 
-from fvlm.ablation import run_ablation
+from fvlm.recipes.ablation import run_ablation
 from fvlm.io import atomic_write_text
 
 

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from fvlm.checkpoint import latest_checkpoint
     from fvlm.config import load_config
-    from fvlm.demo import run_demo
+    from fvlm.recipes.demo import run_demo
     from fvlm.train import train
 
     out = Path(args.out)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fvlm.ablation import (
+from fvlm.recipes.ablation import (
     MARKER,
     RESULT,
     VARIANTS,
@@ -94,7 +94,7 @@ def test_checkpoint_without_marker_is_resumed_and_marker_written_last(tiny_data,
     result = finish_run(run, cfg, tiny_data, labels, "anatomy", 0)
     assert latest_checkpoint(run).name == "step_0000003"  # resumed to the end of the schedule, not trusted
     marker = json.loads((run / MARKER).read_text())
-    assert marker["produced_by"].startswith("fvlm.ablation.finish_run") and marker["result"] == RESULT
+    assert marker["produced_by"].startswith("fvlm.recipes.ablation.finish_run") and marker["result"] == RESULT
     assert (run / MARKER).stat().st_mtime_ns >= (run / RESULT).stat().st_mtime_ns
     assert finished_result(run) == result and 0.0 <= result["macro_auc"] <= 1.0
     assert result["text_max_length"] == cfg.model.text.max_length
@@ -113,7 +113,7 @@ def test_checkpoint_without_marker_is_resumed_and_marker_written_last(tiny_data,
 def test_runs_recorded_by_an_earlier_session_are_reused_only_when_they_match():
     """The ablation spans sessions: a run in the committed results JSON counts as finished when variant, seed
     and text length match, and never otherwise (a run at another text length must be trained again)."""
-    from fvlm.ablation import previous_result
+    from fvlm.recipes.ablation import previous_result
 
     previous = [{"variant": "global", "seed": 0, "macro_auc": 0.6, "text_max_length": 448},
                 {"variant": "anatomy", "seed": 1, "macro_auc": 0.7, "text_max_length": 96}]

@@ -14,7 +14,6 @@ redoes everything downstream of a stage it had to redo.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -22,7 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from fvlm.checkpoint import latest_checkpoint, load_run_config
+from fvlm.config import load_config
+from fvlm.data.preprocess import preprocess
+from fvlm.decompose import decompose_reports
+from fvlm.embed import embed
 from fvlm.io import atomic_path, atomic_write_text
+from fvlm.markers import clear_marker, is_done, read_marker, write_marker
+from fvlm.metrics import compute_metrics, format_table, metrics_to_json, plot_roc
+from fvlm.retrieval import format_retrieval_table, retrieval_from_file
+from fvlm.synth import synthesize
+from fvlm.train import train
+from fvlm.zeroshot import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +59,20 @@ def _stage(name: str, timings: dict[str, float]):
     return _Timer()
 
 
-def _preprocess(data: Path, processed: Path, config: str, overrides: list[str], split: str, workers: int) -> None:
-    from fvlm.cli import main as cli_main
-
-    argv = ["preprocess", "--data", str(data), "--split", split, "--out", str(processed), "--config", config,
-            "--workers", str(workers)]
-    for o in overrides:
-        argv += ["--set", o]
-    code = cli_main(argv)
-    if code != 0:
-        raise RuntimeError(f"preprocessing {split} failed (exit {code}); see {processed / 'failures.csv'}")
+def preprocess_splits(data: Path, processed: Path, config: str, overrides: list[str], workers: int,
+                      splits: tuple[str, ...] = ("train", "valid")) -> None:
+    """Preprocess ``splits`` of a CT-RATE-format root into ``processed`` (resumes per volume); any failure raises."""
+    cfg = load_config(config, overrides)
+    for split in splits:
+        result = preprocess(data, processed, cfg, splits=[split], workers=workers)
+        if not result.ok:
+            raise RuntimeError(f"preprocessing {split} failed for {result.n_failed} volume(s); see "
+                               f"{processed / 'failures.csv'}")
 
 
 def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None = None, n_train: int = 0,
              n_valid: int = 0, seed: int = 0, texts: str = "generator", workers: int = 2) -> dict[str, Any]:
     """Run the whole pipeline; returns the metrics dict (also written to ``OUT/metrics.json``)."""
-    import pandas as pd
-
-    from fvlm.checkpoint import latest_checkpoint
-    from fvlm.config import load_config
-    from fvlm.metrics import compute_metrics, format_table, metrics_to_json, plot_roc
-    from fvlm.synth import synthesize
-    from fvlm.train import train
-    from fvlm.zeroshot import evaluate
-
     out = Path(out)
     overrides = list(overrides or [])
     load_config(config, overrides)  # a bad --set or config file fails now, before anything is written
@@ -79,8 +81,6 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
     data, processed, run = out / "data", out / "processed", out / "run"
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-
-    from fvlm.markers import clear_marker, is_done, read_marker, write_marker
 
     # each stage's settings include the marker of the stage before it: a redone stage invalidates what follows
     def settings(stage_dir: Path, stage: str, **extra: Any) -> dict[str, Any]:
@@ -103,18 +103,14 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
 
     if texts == "decomposed":
         with _stage("decompose reports", timings):
-            from fvlm.cli import main as cli_main
-
             target = data / "anatomy_texts_decomposed"
             dec_settings = settings(data, "synth")
             if is_done(target, "decompose", config=dec_settings):
                 log.info("reusing %s", target)
             else:
                 clear_marker(target, "decompose")
-                reports = ",".join(str(data / "radiology_text_reports" / f"{s}_reports.csv")
-                                   for s in ("train", "validation"))
-                if cli_main(["decompose", "--reports", reports, "--out", str(target)]) != 0:
-                    raise RuntimeError("fvlm decompose failed")
+                reports = [data / "radiology_text_reports" / f"{s}_reports.csv" for s in ("train", "validation")]
+                decompose_reports(reports, target)
                 write_marker(target, "decompose", config=dec_settings)
             overrides.append(f"data.texts={target}")
 
@@ -125,8 +121,8 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
             log.info("reusing %s", processed)
         else:
             clear_marker(processed, "demo-preprocess")
-            for split in ("train", "valid"):  # resumes per volume: complete volumes are skipped
-                _preprocess(data, processed, config, data_overrides, split, workers)
+            # resumes per volume: complete volumes are skipped
+            preprocess_splits(data, processed, config, data_overrides, workers)
             write_marker(processed, "demo-preprocess", config=pre_settings)
 
     cfg = load_config(config, overrides)
@@ -138,8 +134,6 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
             resume = False
             ckpt = latest_checkpoint(run)
             if ckpt is not None:
-                from fvlm.checkpoint import load_run_config
-
                 if load_run_config(ckpt)[0].to_dict() == cfg.to_dict():
                     log.info("continuing the interrupted training in %s from %s", run, ckpt.name)
                     resume = True
@@ -161,9 +155,6 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
             write_marker(out, "eval", config=eval_settings)
 
     with _stage("embed + retrieval", timings):
-        from fvlm.embed import embed
-        from fvlm.retrieval import format_retrieval_table, retrieval_from_file
-
         embeddings = out / "embeddings.safetensors"
         if not (is_done(out, "embed", config=eval_settings) and embeddings.exists()
                 and (out / "retrieval.json").exists()):
@@ -200,15 +191,3 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
     print(f"\nmacro AUC {metrics['macro']['auc']:.3f} over {len(metrics['scored'])} labels; "  # noqa: T201
           f"total {total / 60:.1f} min; outputs in {out}/ (metrics.json, roc.png, loss.png, scores.csv)")
     return metrics
-
-
-def run_demo_cli(args: argparse.Namespace) -> int:
-    if args.ablation:
-        from fvlm.ablation import run_ablation
-
-        run_ablation(Path(args.out), config=args.config, overrides=args.overrides, seed=args.seed,
-                     n_train=args.train, n_valid=args.valid, workers=args.workers)
-        return 0
-    run_demo(args.out, config=args.config, overrides=args.overrides, n_train=args.train, n_valid=args.valid,
-             seed=args.seed, texts=args.texts, workers=args.workers)
-    return 0

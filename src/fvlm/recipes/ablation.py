@@ -33,7 +33,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from scipy import stats
+
+from fvlm import __version__
+from fvlm.anatomy import load_anatomy_table
+from fvlm.checkpoint import latest_checkpoint
+from fvlm.config import load_config
+from fvlm.data.dataset import _report_texts
 from fvlm.io import atomic_write_text
+from fvlm.metrics import compute_metrics
+from fvlm.model.text_encoder import load_tokenizer
+from fvlm.recipes.demo import DEMO_MAX_RECONSTRUCTIONS, DEMO_TRAIN_PATIENTS, DEMO_VALID_PATIENTS, preprocess_splits
+from fvlm.synth import synthesize
+from fvlm.text import AnatomyTexts
+from fvlm.train import train
+from fvlm.zeroshot import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +63,8 @@ VARIANTS: dict[str, list[str]] = {
                                     "loss.same_text_positives=true", "loss.co_teaching=true"],
 }
 MARKER = "DONE.json"
+#: result-key suffix -> anatomy table whose prompts score the run (None: the run's own table, the released prompts)
+PROMPT_SETS: dict[str, str | None] = {"": None, "_ctclip": "released_ctclip_prompts"}
 RESULT = "result.json"
 
 
@@ -69,22 +86,20 @@ def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
     """Student-t confidence interval of the mean of ``diffs`` (NaNs with fewer than 2 values)."""
     if len(diffs) < 2:
         return (float("nan"), float("nan"))
-    from scipy import stats
-
     m, sd = statistics.mean(diffs), statistics.stdev(diffs)
     h = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
     return (m - h, m + h)
 
 
-def paired(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
-    """Seed-paired differences ``b - a`` of macro AUC: mean, sd, 95 % t interval, wins, sign test."""
-    auc = {(r["variant"], r["seed"]): r["macro_auc"] for r in runs}
+def paired(runs: list[dict[str, Any]], a: str, b: str, metric: str = "macro_auc") -> dict[str, Any] | None:
+    """Seed-paired differences ``b - a`` of ``metric`` (a macro AUC): mean, sd, 95 % t interval, wins, sign test."""
+    auc = {(r["variant"], r["seed"]): r[metric] for r in runs if r.get(metric) is not None}
     seeds = sorted(s for v, s in auc if v == b and (a, s) in auc)
     if not seeds:
         return None
     diffs = [auc[(b, s)] - auc[(a, s)] for s in seeds]
     ci = list(t_interval(diffs)) if len(diffs) > 1 else None
-    return {"a": a, "b": b, "seeds": seeds, "diffs": diffs, "mean": statistics.mean(diffs),
+    return {"a": a, "b": b, "metric": metric, "seeds": seeds, "diffs": diffs, "mean": statistics.mean(diffs),
             "sd": statistics.stdev(diffs) if len(diffs) > 1 else None, "ci95_t": ci,
             "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs), "sign_test_p": sign_test(diffs)}
 
@@ -94,25 +109,36 @@ COMPARISONS = [("global", "anatomy"), ("anatomy", "anatomy+normal"), ("anatomy+n
                ("anatomy", "anatomy+normal+text+coteach")]
 
 
+#: the tables' metrics: the released prompts, then CT-CLIP's (see :func:`score_run`)
+METRICS = {"macro_auc": 'released prompts ("X." / "Not X.")',
+           "macro_auc_ctclip": 'CT-CLIP prompts ("X is present." / "X is not present.")'}
+
+
 def ablation_table(runs: list[dict[str, Any]]) -> str:
-    """Markdown: per variant runs / mean +- sd / per seed; then the seed-paired comparisons."""
-    lines = ["| variant | runs | macro AUC mean +- sd | per seed (seed: AUC) |", "|---|---|---|---|"]
-    for variant in VARIANTS:
-        rs = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
-        if not rs:
+    """Markdown, per prompt set: per variant runs / mean +- sd / per seed; then the seed-paired comparisons."""
+    lines: list[str] = []
+    for metric, title in METRICS.items():
+        scored = [r for r in runs if r.get(metric) is not None]
+        if not scored:
             continue
-        aucs = [r["macro_auc"] for r in rs]
-        sd = f"{statistics.stdev(aucs):.3f}" if len(aucs) > 1 else "-"
-        lines.append(f"| {variant} | {len(rs)} | {statistics.mean(aucs):.3f} +- {sd} | "
-                     + ", ".join(f"{r['seed']}: {r['macro_auc']:.3f}" for r in rs) + " |")
-    comps = [c for c in (paired(runs, a, b) for a, b in COMPARISONS) if c is not None]
-    if comps:
-        lines += ["", "| comparison (same seeds) | pairs | mean difference | 95 % CI (t) | wins / losses | "
-                      "sign test p (two-sided) |", "|---|---|---|---|---|---|"]
-        for c in comps:
-            ci = "-" if c["ci95_t"] is None else f"[{c['ci95_t'][0]:+.3f}, {c['ci95_t'][1]:+.3f}]"
-            lines.append(f"| {c['b']} - {c['a']} | {len(c['diffs'])} | {c['mean']:+.3f} | {ci} | "
-                         f"{c['wins']} / {c['losses']} | {c['sign_test_p']:.3f} |")
+        lines += [*([""] if lines else []), f"Zero-shot macro AUC, {title}:", "",
+                  "| variant | runs | macro AUC mean +- sd | per seed (seed: AUC) |", "|---|---|---|---|"]
+        for variant in VARIANTS:
+            rs = sorted((r for r in scored if r["variant"] == variant), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            aucs = [r[metric] for r in rs]
+            sd = f"{statistics.stdev(aucs):.3f}" if len(aucs) > 1 else "-"
+            lines.append(f"| {variant} | {len(rs)} | {statistics.mean(aucs):.3f} +- {sd} | "
+                         + ", ".join(f"{r['seed']}: {r[metric]:.3f}" for r in rs) + " |")
+        comps = [c for c in (paired(scored, a, b, metric) for a, b in COMPARISONS) if c is not None]
+        if comps:
+            lines += ["", "| comparison (same seeds) | pairs | mean difference | 95 % CI (t) | wins / losses | "
+                          "sign test p (two-sided) |", "|---|---|---|---|---|---|"]
+            for c in comps:
+                ci = "-" if c["ci95_t"] is None else f"[{c['ci95_t'][0]:+.3f}, {c['ci95_t'][1]:+.3f}]"
+                lines.append(f"| {c['b']} - {c['a']} | {len(c['diffs'])} | {c['mean']:+.3f} | {ci} | "
+                             f"{c['wins']} / {c['losses']} | {c['sign_test_p']:.3f} |")
     return "\n".join(lines)
 
 
@@ -128,9 +154,6 @@ def _describe(lengths: list[int], limits: list[int]) -> dict[str, Any]:
 
 def token_lengths(processed: Path, split: str, tokenizer: Any, anatomies: list[str]) -> dict[str, list[int]]:
     """Token lengths ([CLS] and [SEP] included) of the whole reports (``report``) and of each anatomy's texts."""
-    from fvlm.data.dataset import _report_texts
-    from fvlm.text import AnatomyTexts
-
     def lengths(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
 
@@ -164,36 +187,53 @@ def _git_rev() -> str:
         return "unknown"
 
 
-def finished_result(run: Path) -> dict[str, Any] | None:
-    """The result of a run whose completion marker exists, else ``None``."""
+def score_run(run: Path, processed: Path, labels: Any) -> dict[str, Any]:
+    """Zero-shot macro AUC (and per label) of a trained run with each prompt set of :data:`PROMPT_SETS`.
+
+    ``macro_auc`` / ``auc``: the released "X." / "Not X." prompts; ``macro_auc_ctclip`` / ``auc_ctclip``: CT-CLIP's
+    "{label} is present." / "{label} is not present." (what CT-CLIP scores itself with; the global variant is
+    CT-CLIP-style, so it is compared under both).
+    """
+    out: dict[str, Any] = {}
+    for key, table in PROMPT_SETS.items():
+        scores = evaluate(run, processed, "valid", run / f"scores{key}.csv", anatomy_table=table)
+        metrics = compute_metrics(scores, labels)
+        out[f"macro_auc{key}"] = metrics["macro"]["auc"]
+        out[f"auc{key}"] = {k: (v["auc"] if v["auc"] == v["auc"] else None)  # NaN (one class) -> null
+                            for k, v in metrics["labels"].items()}
+    return out
+
+
+def finished_result(run: Path, processed: Path | None = None, labels: Any = None) -> dict[str, Any] | None:
+    """The result of a run whose completion marker exists, else ``None``.
+
+    A result written before a prompt set was added is completed from the run's checkpoint when ``processed`` and
+    ``labels`` are given (``result.json`` is rewritten atomically; the marker stays).
+    """
     if not (run / MARKER).is_file() or not (run / RESULT).is_file():
         return None
-    return json.loads((run / RESULT).read_text())
+    result = json.loads((run / RESULT).read_text())
+    missing = [k for k in PROMPT_SETS if f"macro_auc{k}" not in result]
+    if missing and processed is not None and latest_checkpoint(run) is not None:
+        log.info("ablation: scoring %s with the prompt sets it lacks (%s)", run.name, missing)
+        result = {**result, **score_run(run, processed, labels)}
+        atomic_write_text(run / RESULT, json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def finish_run(run: Path, cfg: Any, processed: Path, labels: Any, variant: str, seed: int) -> dict[str, Any]:
     """Train (or resume) one run to the end of its schedule, evaluate it, write ``result.json`` and then the
     completion marker; a run whose marker exists is returned as stored, untouched."""
-    from fvlm import __version__
-    from fvlm.checkpoint import latest_checkpoint
-    from fvlm.metrics import compute_metrics
-    from fvlm.train import train
-    from fvlm.zeroshot import evaluate
-
     stored = finished_result(run)
     if stored is not None:
         return stored
     t0 = time.perf_counter()
     # a checkpoint is not a finished run: resume it to the end of its schedule (a no-op if it is complete)
     train(cfg, processed, run, resume=latest_checkpoint(run) is not None)
-    scores = evaluate(run, processed, "valid", run / "scores.csv")
-    metrics = compute_metrics(scores, labels)
-    result = {"variant": variant, "seed": seed, "macro_auc": metrics["macro"]["auc"],
-              "auc": {k: (v["auc"] if v["auc"] == v["auc"] else None)  # NaN (one class) -> null
-                      for k, v in metrics["labels"].items()},
+    result = {"variant": variant, "seed": seed, **score_run(run, processed, labels),
               "seconds": round(time.perf_counter() - t0, 1), "text_max_length": cfg.model.text.max_length}
     atomic_write_text(run / RESULT, json.dumps(result, indent=2) + "\n")
-    marker = {"produced_by": f"fvlm.ablation.finish_run (fvlm {__version__}, git {_git_rev()})",
+    marker = {"produced_by": f"fvlm.recipes.ablation.finish_run (fvlm {__version__}, git {_git_rev()})",
               "variant": variant, "seed": seed, "result": RESULT,
               "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     atomic_write_text(run / MARKER, json.dumps(marker, indent=2) + "\n")  # last: the run is finished
@@ -220,14 +260,6 @@ def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = 
     earlier session, whose ``OUT`` is gone): taken as finished when variant, seed and text length match, so
     the ablation spans sessions (the data set and every run are seeded).
     """
-    import pandas as pd
-
-    from fvlm.anatomy import load_anatomy_table
-    from fvlm.config import load_config
-    from fvlm.demo import DEMO_MAX_RECONSTRUCTIONS, DEMO_TRAIN_PATIENTS, DEMO_VALID_PATIENTS, _preprocess
-    from fvlm.model.text_encoder import load_tokenizer
-    from fvlm.synth import synthesize
-
     out = Path(out)
     overrides = list(overrides or [])
     variants = variants or list(VARIANTS)
@@ -238,8 +270,7 @@ def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = 
     if not (data / "synth_info.json").exists():
         synthesize(data, n_train=n_train or DEMO_TRAIN_PATIENTS, n_valid=n_valid or DEMO_VALID_PATIENTS, seed=seed,
                    size="demo", workers=workers, max_reconstructions=DEMO_MAX_RECONSTRUCTIONS)
-    for split in ("train", "valid"):
-        _preprocess(data, processed, config, [o for o in overrides if o.startswith("data.")], split, workers)
+    preprocess_splits(data, processed, config, [o for o in overrides if o.startswith("data.")], workers)
     labels = pd.read_csv(processed / "labels" / "valid_labels.csv")
 
     base = load_config(config, overrides)
@@ -271,12 +302,13 @@ def run_ablation(out: Path, config: str = "demo", overrides: list[str] | None = 
                                             "anatomy texts = every scan in texts/ (train + valid)",
                    "plan": [f"{v}-seed{s}" for v, s in plan],
                    "partial": bool(left), "left": left, "runs": runs,
-                   "paired": [c for c in (paired(runs, a, b) for a, b in COMPARISONS) if c is not None]}
+                   "paired": [c for m in METRICS for c in (paired(runs, a, b, m) for a, b in COMPARISONS)
+                              if c is not None]}
         atomic_write_text(results_path, json.dumps(summary, indent=2) + "\n")
 
     for variant, s in plan:
         run = out / "runs" / f"{variant}-seed{s}"
-        result = finished_result(run)
+        result = finished_result(run, processed, labels)
         if result is not None:
             log.info("ablation %s seed %d: finished already (%s)", variant, s, run / MARKER)
             runs.append(result)
