@@ -23,7 +23,8 @@ import numpy as np
 from fvlm.labels import CT_RATE_LABELS
 from fvlm.synth.geometry import Slab
 from fvlm.synth.lesions import DEFAULT_DIFFICULTY, Finding, sample_findings
-from fvlm.synth.phantom import Anatomy, render, sample_anatomy
+from fvlm.synth.phantom import Anatomy, sample_anatomy
+from fvlm.synth.render import render
 
 # component codes inside a seed key
 _ANATOMY, _LABELS, _FINDINGS, _TREE, _REPORT, _GEOMETRY, _NOISE, _JITTER, _META = range(9)

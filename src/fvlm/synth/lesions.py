@@ -22,7 +22,9 @@ import numpy as np
 
 from fvlm.labels import CT_RATE_LABELS
 from fvlm.synth.geometry import Ellipsoid, Slab, Tube, paint_ellipsoid, paint_segments, rotation_from, unit
-from fvlm.synth.phantom import LOBES, UPPER_LOBES, Anatomy, CoarseMap, body_scale, wall_fields
+from fvlm.synth.phantom import LOBES, UPPER_LOBES, Anatomy
+from fvlm.synth.render import body_scale, wall_fields
+from fvlm.synth.tree import CoarseMap, build_tree, coarse_map
 
 #: default of the one difficulty knob (0 = mostly strong findings, 1 = mostly subtle)
 DEFAULT_DIFFICULTY = 0.4
@@ -768,8 +770,6 @@ def sample_findings(entropy, key: tuple[int, ...], labels: dict[str, int], an: A
 
     ``entropy`` and ``key`` seed one stream per label (see :func:`label_rng`).
     """
-    from fvlm.synth.phantom import build_tree, coarse_map
-
     ctx = _Ctx(an, None, difficulty)
     findings: dict[str, Finding] = {}
     sev: dict[str, float] = {}
