@@ -21,10 +21,12 @@ from importlib import resources
 import numpy as np
 
 from fvlm.labels import CT_RATE_LABELS
+from fvlm.synth.findings import Finding
 from fvlm.synth.geometry import Slab
-from fvlm.synth.lesions import DEFAULT_DIFFICULTY, Finding, sample_findings
+from fvlm.synth.lesions import sample_findings
 from fvlm.synth.phantom import Anatomy, sample_anatomy
 from fvlm.synth.render import render
+from fvlm.synth.signatures import DEFAULT_DIFFICULTY
 
 # component codes inside a seed key
 _ANATOMY, _LABELS, _FINDINGS, _TREE, _REPORT, _GEOMETRY, _NOISE, _JITTER, _META = range(9)

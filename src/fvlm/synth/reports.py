@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
-from fvlm.synth.lesions import Finding
+from fvlm.synth.findings import Finding
 from fvlm.synth.phantom import LOBES
 
 LOBE_CLASSES = {10: "lung_upper_lobe_left", 11: "lung_lower_lobe_left", 12: "lung_upper_lobe_right",

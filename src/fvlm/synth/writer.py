@@ -51,7 +51,6 @@ from fvlm.synth.case import (
     render_volume,
     rng_for,
 )
-from fvlm.synth.lesions import DEFAULT_DIFFICULTY
 from fvlm.synth.metadata import (
     METADATA_COLUMNS,
     draw_n_reconstructions,
@@ -61,6 +60,7 @@ from fvlm.synth.metadata import (
     study_date,
 )
 from fvlm.synth.reports import anatomy_texts, build_report
+from fvlm.synth.signatures import DEFAULT_DIFFICULTY
 
 log = logging.getLogger(__name__)
 
