@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     """0 whenever the root could be inventoried (problems are reported, not fatal); with ``--strict``, 1 when any
     problem was found (for scripts that must stop before hours are spent)."""
     # library imported here, not at the top: `fvlm --help` imports every command module, and the library pulls in
-    # numpy/nibabel/torch which a parser must not pay
+    # numpy, tqdm and the data modules (~0.2 s measured), which a parser must not pay
     from fvlm.data.check import check_data
 
     report = check_data(args.data, splits=[args.split] if args.split else None, sample=args.sample,
