@@ -668,12 +668,12 @@ def test_check_data_reports_duplicates(tmp_path):
     def edit(rows):
         return rows + [dict(rows[0]), {**rows[1], "RescaleIntercept": "-8192"}]
     root = ctrate_root(tmp_path, edit_rows=edit)
-    rep = check_data(root, splits=["valid"], sample=0)["splits"]["valid"]
-    dups = {d["volume"]: d for d in rep["metadata"]["duplicates"]}
+    rep = check_data(root, splits=["valid"], sample=0).splits["valid"]
+    dups = {d["volume"]: d for d in rep.metadata["duplicates"]}
     assert dups[GOOD_V2]["conflicting"] is False and dups[GOOD_V2]["lines"] == [2, 4]
     assert dups[BAD_V1]["conflicting"] is True and dups[BAD_V1]["columns"] == ["RescaleIntercept"]
-    assert any("DIFFERENT values" in p for p in rep["problems"])
-    assert any("identical values" in p for p in rep["problems"])
+    assert any("DIFFERENT values" in p for p in rep.problems)
+    assert any("identical values" in p for p in rep.problems)
 
 
 def test_dicom_gap_rule_units():

@@ -146,7 +146,7 @@ def test_versions_from_headers_and_values(report):
 
 
 @pytest.fixture(scope="module")
-def headers_only(root) -> tuple[dict, str]:
+def headers_only(root) -> tuple[check.DataCheck, str]:
     """check_data with headers only and the extended table, and what it logged."""
     import io
 
@@ -166,11 +166,11 @@ def headers_only(root) -> tuple[dict, str]:
 
 def test_headers_only_leaves_inconclusive_volumes_unknown(headers_only):
     rep, logged = headers_only
-    v = rep["splits"]["valid"]
-    assert v["values_read"]["volumes"] == 0
-    assert v["versions"]["counts"] == {"v1": 4, "v2": 2, "unknown": 2, "conflict": 0, "unreadable": 0}
-    assert v["versions"]["volumes"][BLANK_Z]["version"] == "unknown"
-    assert any("raise --sample" in p for p in v["problems"])
+    v = rep.splits["valid"]
+    assert v.values_read["volumes"] == 0
+    assert v.versions["counts"] == {"v1": 4, "v2": 2, "unknown": 2, "conflict": 0, "unreadable": 0}
+    assert v.versions["volumes"][BLANK_Z]["version"] == "unknown"
+    assert any("raise --sample" in p for p in v.problems)
     # the summary is logged readably
     assert "versions: 4 v1, 2 v2, 2 unknown" in logged
 
@@ -190,7 +190,7 @@ def test_no_chest_texts_and_masks(report):
 
 def test_extended_table_flags_anatomies_without_texts(headers_only):
     rep = headers_only[0]
-    missing = rep["splits"]["valid"]["anatomy_texts"]["table_anatomies_without_text"]
+    missing = rep.splits["valid"].anatomy_texts["table_anatomies_without_text"]
     assert missing == ["esophagus", "trachea", "mediastinum", "bones"]
 
 

@@ -11,8 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from fvlm.cli import main
+from fvlm.data import orientation, store
 from fvlm.data import radchestct as rc
-from fvlm.data import store
+from fvlm.data import radchestct_labels as rcl
 from fvlm.data.preprocess import read_nifti
 from fvlm.labels import CT_RATE_LABELS
 from fvlm.segment import write_nifti
@@ -37,7 +38,7 @@ def real_rc(real_data) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _label_rows(ids_values: dict[str, dict[str, int]]) -> list[dict[str, str]]:
-    return [{rc.KEY: k, **{c: str(v.get(c, 0)) for c in rc.ABNORMALITIES}} for k, v in ids_values.items()]
+    return [{rcl.KEY: k, **{c: str(v.get(c, 0)) for c in rcl.ABNORMALITIES}} for k, v in ids_values.items()]
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> Path:
@@ -49,8 +50,8 @@ def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> Pat
 
 
 def test_columns_and_mapping_definitions():
-    assert len(rc.ABNORMALITIES) == 84 and set(DOC_COLUMNS) <= set(rc.ABNORMALITIES)
-    std, fv, ext = rc.MAPPINGS["standard"], rc.MAPPINGS["fvlm"], rc.MAPPINGS["extended"]
+    assert len(rcl.ABNORMALITIES) == 84 and set(DOC_COLUMNS) <= set(rcl.ABNORMALITIES)
+    std, fv, ext = rcl.MAPPINGS["standard"], rcl.MAPPINGS["fvlm"], rcl.MAPPINGS["extended"]
     assert (len(std), len(fv), len(ext)) == (16, 15, 18)
     for m in (std, fv, ext):  # CT-RATE order
         assert list(m) == [label for label in CT_RATE_LABELS if label in m]
@@ -78,16 +79,16 @@ def test_columns_and_mapping_definitions():
 def test_labels_both_formats_and_mappings(tmp_path):
     truth = {"tst00001": {"groundglass": 1, "calcification": 1}, "tst00002": {"stent": 1, "nodulegr1cm": 1},
              "tst00003": {"air_trapping": 1, "lymphadenopathy": 1, "scarring": 1}}
-    summary = _write_csv(tmp_path / "summary.csv", [rc.KEY, *rc.ABNORMALITIES], _label_rows(truth))
+    summary = _write_csv(tmp_path / "summary.csv", [rcl.KEY, *rcl.ABNORMALITIES], _label_rows(truth))
     # the per-location file: abnormality*location columns, reduced to "anywhere"
     locs = ["left_lung", "right_lung", "heart"]
-    fields = [rc.KEY, *(f"{a}*{loc}" for a in rc.ABNORMALITIES for loc in locs)]
-    rows = [{rc.KEY: k, **{f"{a}*{loc}": str(int(v.get(a, 0) and loc == "right_lung")) for a in rc.ABNORMALITIES
+    fields = [rcl.KEY, *(f"{a}*{loc}" for a in rcl.ABNORMALITIES for loc in locs)]
+    rows = [{rcl.KEY: k, **{f"{a}*{loc}": str(int(v.get(a, 0) and loc == "right_lung")) for a in rcl.ABNORMALITIES
                            for loc in locs}} for k, v in truth.items()]
     located = _write_csv(tmp_path / "located.csv", fields, rows)
-    a, b = rc.read_labels(summary), rc.read_labels(located)
+    a, b = rcl.read_labels(summary), rcl.read_labels(located)
     assert a == b and a["tst00001"]["groundglass"] == 1 and a["tst00001"]["opacity"] == 0
-    std, fv, ext = (rc.map_labels(a, m) for m in ("standard", "fvlm", "extended"))
+    std, fv, ext = (rcl.map_labels(a, m) for m in ("standard", "fvlm", "extended"))
     assert std["tst00001"]["Lung opacity"] == 0 and ext["tst00001"]["Lung opacity"] == 1
     assert std["tst00001"]["Arterial wall calcification"] == 1 and ext["tst00001"]["Arterial wall calcification"] == 0
     assert fv["tst00001"]["Coronary artery wall calcification"] == 1
@@ -99,21 +100,21 @@ def test_labels_both_formats_and_mappings(tmp_path):
     bad = _label_rows({"tst1": {}})
     bad[0]["stent"] = "2"
     with pytest.raises(ValueError, match="stent = '2' is not 0 or 1"):
-        rc.read_labels(_write_csv(tmp_path / "bad.csv", [rc.KEY, *rc.ABNORMALITIES], bad))
+        rcl.read_labels(_write_csv(tmp_path / "bad.csv", [rcl.KEY, *rcl.ABNORMALITIES], bad))
     with pytest.raises(ValueError, match="air_trapping"):
-        rc.map_labels({"x": {c: 0 for c in rc.ABNORMALITIES if c != "air_trapping"}}, "extended")
+        rcl.map_labels({"x": {c: 0 for c in rcl.ABNORMALITIES if c != "air_trapping"}}, "extended")
     with pytest.raises(ValueError, match="unknown Rad-ChestCT label mapping"):
-        rc.map_labels(a, "ct-clip")
+        rcl.map_labels(a, "ct-clip")
 
 
 def test_orientation_checks_on_a_real_ct(real_rc):
     ct, lab = real_rc
     # the real scan (upper abdomen with the lung bases) in the Rad-ChestCT convention: superior at slice 0
-    assert rc.superior_end_from_hu(ct).superior == "start"
-    assert rc.superior_end_from_labels(lab).superior == "start"
-    assert rc.superior_end_from_hu(ct[::-1]).superior == "end"
-    assert rc.superior_end_from_labels(lab[::-1]).superior == "end"
-    assert rc.superior_end_from_hu(np.full((8, 8, 8), -1000, np.int16)).superior is None
+    assert orientation.superior_end_from_hu(ct).superior == "start"
+    assert orientation.superior_end_from_labels(lab).superior == "start"
+    assert orientation.superior_end_from_hu(ct[::-1]).superior == "end"
+    assert orientation.superior_end_from_labels(lab[::-1]).superior == "end"
+    assert orientation.superior_end_from_hu(np.full((8, 8, 8), -1000, np.int16)).superior is None
     arr, flipped, chk = rc.orient(ct[::-1].copy(), "check", "tst0")
     assert flipped and chk.superior == "end"
     np.testing.assert_array_equal(arr, ct)
@@ -130,10 +131,10 @@ def test_orientation_checks_on_a_synthetic_chest():
 
     case = generate_case(2, labels=[], size="demo")
     hu = np.clip(case.hu[::-1], -1000, 1000)  # slice 0 superior, as the release stores it
-    chk = rc.superior_end_from_hu(hu, spacing_mm=case.spacing[0])
+    chk = orientation.superior_end_from_hu(hu, spacing_mm=case.spacing[0])
     assert chk.superior == "start" and chk.evidence["cue"] == "airway"
-    assert rc.superior_end_from_hu(hu[::-1], spacing_mm=case.spacing[0]).superior == "end"
-    lab = rc.superior_end_from_labels(case.label_map[::-1])
+    assert orientation.superior_end_from_hu(hu[::-1], spacing_mm=case.spacing[0]).superior == "end"
+    lab = orientation.superior_end_from_labels(case.label_map[::-1])
     assert lab.superior == "start" and lab.evidence["lungs_complete"] and len(lab.evidence) == 3
 
 
@@ -147,7 +148,7 @@ def test_convert_then_preprocess_pairs(real_rc, tmp_path, capsys):
     np.savez_compressed(npz / "tst00004.npz", ct=ct)  # no label row
     truth = {"tst00001": {"nodule": 1, "stent": 1}, "tst00002": {"emphysema": 1}, "tst00003": {},
              "tst09999": {"hernia": 1}}
-    labels = _write_csv(tmp_path / "imgtest_labels.csv", [rc.KEY, *rc.ABNORMALITIES], _label_rows(truth))
+    labels = _write_csv(tmp_path / "imgtest_labels.csv", [rcl.KEY, *rcl.ABNORMALITIES], _label_rows(truth))
     out = tmp_path / "rc"
     code = main(["radchestct", "--npz-dir", str(npz), "--labels", str(labels), "--mapping", "standard",
                  "--out", str(out)])
@@ -171,7 +172,7 @@ def test_convert_then_preprocess_pairs(real_rc, tmp_path, capsys):
     with open(out / "labels_standard.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert reader.fieldnames == ["VolumeName", *rc.MAPPINGS["standard"]]  # unmapped labels absent, not 0
+    assert reader.fieldnames == ["VolumeName", *rcl.MAPPINGS["standard"]]  # unmapped labels absent, not 0
     assert [r["VolumeName"] for r in rows] == ["tst00001.nii.gz", "tst00002.nii.gz"]
     assert rows[0]["Lung nodule"] == "1" and rows[0]["Medical material"] == "1" and rows[0]["Emphysema"] == "0"
     assert rows[1]["Emphysema"] == "1"

@@ -23,11 +23,10 @@ It is a report: problems never make it fail. Only an unusable root (no such dire
 
 from __future__ import annotations
 
-import argparse
+import csv
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,15 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from fvlm.anatomy import load_anatomy_table
 from fvlm.data import ctrate
+from fvlm.data.check_report import DataCheck, SplitCheck, log_summary
+from fvlm.data.check_report import examples as _ex
 from fvlm.data.ctrate import no_chest_path, read_volume_list
+from fvlm.data.preprocess import check_finite, read_nifti
 
 log = logging.getLogger(__name__)
 
 #: metadata columns the v1 fix needs (a v2 volume needs none of them)
 FIX_COLUMNS = ("XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient", "RescaleSlope",
                "RescaleIntercept")
-_EXAMPLES = 5  # names shown per problem in the log summary (the JSON report lists all)
 
 
 # ----------------------------------------------------------------------------------------------- small readers
@@ -90,8 +94,6 @@ def _header_version(info: HeaderInfo, meta: ctrate.VolumeMetadata | None) -> tup
 
 def _value_version(path: Path, meta: ctrate.VolumeMetadata | None) -> tuple[str, str]:
     """Read the whole volume: ("v1" | "v2" | "conflict" | "unknown" | "unreadable", reason)."""
-    from fvlm.data.preprocess import check_finite, read_nifti
-
     try:
         vol = read_nifti(path)
         check_finite(vol.array)
@@ -132,8 +134,6 @@ def _counts(names: Iterable[str]) -> dict[str, int]:
 
 def _read_csv_names(path: Path, what: str) -> tuple[list[str] | None, str]:
     """VolumeName column of a CSV (None when absent) and a problem string ("" when fine)."""
-    import csv
-
     if not path.exists():
         return None, f"{what} {path} not found"
     try:
@@ -148,10 +148,8 @@ def _read_csv_names(path: Path, what: str) -> tuple[list[str] | None, str]:
 
 # ----------------------------------------------------------------------------------------------- the check
 def check_split(root: Path, split: str, sample: int = 20, table: Any = None, workers: int = 4,
-                texts: tuple[dict | None, dict | None] = (None, None)) -> dict[str, Any]:
-    """Inventory one split of a CT-RATE root; returns the JSON-ready report of that split (see module doc)."""
-    from tqdm import tqdm
-
+                texts: tuple[dict | None, dict | None] = (None, None)) -> SplitCheck:
+    """Inventory one split of a CT-RATE root (see module doc)."""
     rep: dict[str, Any] = {"problems": []}
     problems: list[str] = rep["problems"]
 
@@ -361,7 +359,7 @@ def check_split(root: Path, split: str, sample: int = 20, table: Any = None, wor
                         f"(fvlm segment --data {root} --split {split})")
     if mismatched:
         problems.append(f"{len(mismatched)} label map(s) unreadable or of another shape than their volume")
-    return rep
+    return SplitCheck(**rep)
 
 
 def _parsable(name: str) -> bool:
@@ -401,8 +399,9 @@ def _read_texts(root: Path) -> tuple[dict | None, dict | None]:
 
 
 def check_data(root: str | Path, splits: Sequence[str] | None = None, sample: int = 20,
-               anatomy_table: str | None = "released", workers: int = 4) -> dict[str, Any]:
-    """Inventory a CT-RATE root (see module doc). Returns the report dict; logs a readable summary.
+               anatomy_table: str | None = "released", workers: int = 4) -> DataCheck:
+    """Inventory a CT-RATE root (see module doc). Returns the report (``to_json()``: the ``--json`` file); logs a
+    readable summary.
 
     Args:
         root: CT-RATE-format root (``dataset/``, ``metadata/``, ...).
@@ -413,8 +412,6 @@ def check_data(root: str | Path, splits: Sequence[str] | None = None, sample: in
     Raises:
         FileNotFoundError: the root does not exist or has neither ``dataset/`` nor ``metadata/``.
     """
-    from fvlm.anatomy import load_anatomy_table
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")
@@ -427,73 +424,9 @@ def check_data(root: str | Path, splits: Sequence[str] | None = None, sample: in
                   or (root / "dataset" / f"{s}_fixed").is_dir() or ctrate.metadata_path(root, s).exists()]
     table = load_anatomy_table(anatomy_table) if anatomy_table else None
     texts = _read_texts(root)
-    report: dict[str, Any] = {"root": str(root.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                              "sample": sample, "splits": {}}
+    report = DataCheck(str(root.resolve()), time.strftime("%Y-%m-%dT%H:%M:%S"), sample)
     for split in splits:
-        report["splits"][split] = check_split(root, split, sample=sample, table=table, workers=workers, texts=texts)
-    report["problems"] = sum(len(r["problems"]) for r in report["splits"].values())
+        report.splits[split] = check_split(root, split, sample=sample, table=table, workers=workers, texts=texts)
+    report.problems = sum(len(r.problems) for r in report.splits.values())
     log_summary(report)
     return report
-
-
-# ----------------------------------------------------------------------------------------------- output
-def _ex(names: Sequence[Any]) -> str:
-    shown = ", ".join(str(n if not isinstance(n, dict) else n.get("volume")) for n in list(names)[:_EXAMPLES])
-    return f" (e.g. {shown}{', ...' if len(names) > _EXAMPLES else ''})" if names else ""
-
-
-def log_summary(report: Mapping[str, Any]) -> None:
-    """A readable summary of a :func:`check_data` report (logging, INFO; problems as WARNING)."""
-    log.info("CT-RATE root %s", report["root"])
-    for split, r in report["splits"].items():
-        lst, disk = r["listed"], r["on_disk"]
-        log.info("[%s] listed: %d patients, %d scans, %d volumes | on disk: %d patients, %d scans, %d volumes "
-                 "(%d in %s_fixed); reconstructions per scan %s", split, lst["patients"], lst["scans"],
-                 lst["volumes"], disk["patients"], disk["scans"], disk["volumes"], disk["in_fixed_folder"], split,
-                 disk["reconstructions_per_scan"])
-        c = r["versions"]["counts"]
-        log.info("[%s] versions: %d v1, %d v2, %d unknown, %d conflict, %d unreadable (values read for %d volumes in "
-                 "%.1f s)", split, c["v1"], c["v2"], c["unknown"], c["conflict"], c["unreadable"],
-                 r["values_read"]["volumes"], r["values_read"]["seconds"])
-        log.info("[%s] label maps: %d present, %d missing; non-chest list: %d listed, %d on disk", split,
-                 r["masks"]["present"], len(r["masks"]["missing"]), r["no_chest"]["listed"],
-                 len(r["no_chest"]["on_disk"]))
-        details = {
-            "missing on disk": r["missing_on_disk"], "no metadata row": r["not_in_metadata"],
-            "shape differs from metadata": r["shape_mismatch"], "non-chest on disk": r["no_chest"]["on_disk"],
-            "without anatomy texts": r["anatomy_texts"].get("scans_without_texts", []),
-            **{f"empty {k}": v for k, v in r["metadata"].get("empty", {}).items()},
-        }
-        for problem in r["problems"]:
-            log.warning("[%s] %s", split, problem)
-        for what, names in details.items():
-            if names:
-                log.info("[%s] %s%s", split, what, _ex(names))
-    if not report["problems"]:
-        log.info("no problems found")
-
-
-def run_check_data_cli(args: argparse.Namespace) -> int:
-    """``fvlm check-data``: 0 whenever the root could be inventoried (problems are reported, not fatal);
-    with ``--strict``, 1 when any problem was found (for scripts that must stop before hours are spent)."""
-    report = check_data(args.data, splits=[args.split] if args.split else None, sample=args.sample,
-                        anatomy_table=args.anatomy_table or None, workers=args.workers)
-    if args.json:
-        from fvlm.io import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(report, indent=1, default=_jsonable) + "\n")
-        log.info("report written to %s", os.fspath(args.json))
-    if getattr(args, "strict", False):
-        found = [f"{split}: {p}" for split, rep in report.get("splits", {}).items() for p in rep.get("problems", [])]
-        if found:
-            log.error("check-data --strict: %d problem(s) in %s: %s", len(found), args.data, " | ".join(found))
-            return 1
-    return 0
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, Counter):
-        return dict(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

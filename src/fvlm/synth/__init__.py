@@ -28,13 +28,14 @@ In-memory API (for tests and benchmarks of other modules)::
 """
 
 from fvlm.synth.case import Case, Grid, Scene, generate_case, label_rows, render_volume
-from fvlm.synth.lesions import DEFAULT_DIFFICULTY, SIGNATURES, Finding, Signature
+from fvlm.synth.findings import Finding
 from fvlm.synth.reports import REGIONS, Report, Sentence, anatomy_texts
-from fvlm.synth.writer import GENERATOR_VERSION, synthesize
+from fvlm.synth.signatures import DEFAULT_DIFFICULTY, SIGNATURES, Signature
+from fvlm.synth.writer import GENERATOR_VERSION, SynthResult, synthesize
 
 __all__ = [
     "Case", "Grid", "Scene", "generate_case", "label_rows", "render_volume",
     "DEFAULT_DIFFICULTY", "SIGNATURES", "Finding", "Signature",
     "REGIONS", "Report", "Sentence", "anatomy_texts",
-    "GENERATOR_VERSION", "synthesize",
+    "GENERATOR_VERSION", "SynthResult", "synthesize",
 ]  # fmt: skip

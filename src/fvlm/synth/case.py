@@ -21,9 +21,13 @@ from importlib import resources
 import numpy as np
 
 from fvlm.labels import CT_RATE_LABELS
+from fvlm.synth.findings import Finding
 from fvlm.synth.geometry import Slab
-from fvlm.synth.lesions import DEFAULT_DIFFICULTY, Finding, sample_findings
-from fvlm.synth.phantom import Anatomy, render, sample_anatomy
+from fvlm.synth.lesions import sample_findings
+from fvlm.synth.phantom import Anatomy, sample_anatomy
+from fvlm.synth.render import render
+from fvlm.synth.reports import anatomy_texts, build_report
+from fvlm.synth.signatures import DEFAULT_DIFFICULTY
 
 # component codes inside a seed key
 _ANATOMY, _LABELS, _FINDINGS, _TREE, _REPORT, _GEOMETRY, _NOISE, _JITTER, _META = range(9)
@@ -238,8 +242,6 @@ class Case:
 
     def anatomy_texts(self, table="released") -> tuple[dict[str, str], dict[str, str]]:
         """(desc, conc): findings and impression texts per anatomy of an anatomy table (name or object)."""
-        from fvlm.synth.reports import anatomy_texts
-
         return anatomy_texts(self.report, table)
 
 
@@ -259,8 +261,6 @@ def generate_case(seed=0, labels=None, *, size: str = "demo", spacing: tuple[flo
             one drawn from ``seed``. The same seed with different labels already gives the same patient.
         difficulty: the lesion-severity knob (see :mod:`fvlm.synth.lesions`).
     """
-    from fvlm.synth.reports import build_report
-
     if isinstance(seed, np.random.Generator):
         seed = int(seed.integers(0, 2**63 - 1))
     key = (9, 0, 1, 0)

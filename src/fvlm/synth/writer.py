@@ -29,12 +29,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from fvlm.anatomy import load_anatomy_table
+from fvlm.data.jobs import JobError, run_jobs
 from fvlm.io import atomic_path, atomic_write_text
 from fvlm.labels import CT_RATE_LABELS
 from fvlm.synth.case import (
@@ -49,7 +51,6 @@ from fvlm.synth.case import (
     render_volume,
     rng_for,
 )
-from fvlm.synth.lesions import DEFAULT_DIFFICULTY
 from fvlm.synth.metadata import (
     METADATA_COLUMNS,
     draw_n_reconstructions,
@@ -59,6 +60,7 @@ from fvlm.synth.metadata import (
     study_date,
 )
 from fvlm.synth.reports import anatomy_texts, build_report
+from fvlm.synth.signatures import DEFAULT_DIFFICULTY
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,26 @@ class ScanResult:
     write_s: list[float] = field(default_factory=list)
     nbytes: list[int] = field(default_factory=list)
     error: str = ""
+
+
+@dataclass
+class SynthResult:
+    """What :func:`synthesize` wrote: ``info`` is the content of ``synth_info.json``; the rest describes this run
+    (medians per volume, mask included in the bytes)."""
+
+    out: Path
+    info: dict[str, Any]
+    seconds: float
+    render_s_per_volume: float | None
+    write_s_per_volume: float | None
+    bytes_per_volume: float | None
+    failed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """``info`` with this run's numbers (what ``synthesize`` returned as a dict before)."""
+        return {**self.info, "seconds": self.seconds, "render_s_per_volume": self.render_s_per_volume,
+                "write_s_per_volume": self.write_s_per_volume, "bytes_per_volume": self.bytes_per_volume,
+                "failed": self.failed}
 
 
 def volume_relpath(split: str, pid: int, scan: int, rec: int) -> Path:
@@ -224,7 +246,7 @@ def _csv_text(columns, rows) -> str:
 
 def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str = "demo", v2: bool = False,
                anatomy_table: str = "released", workers: int = 1, difficulty: float = DEFAULT_DIFFICULTY,
-               max_reconstructions: int = 0) -> dict:
+               max_reconstructions: int = 0) -> SynthResult:
     """Write a synthetic CT-RATE-format data set to ``out`` (see the module docstring for the layout).
 
     Args:
@@ -233,11 +255,12 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
         size: "demo" (128-192 voxels in-plane at 1.8-2.6 mm, 4-6 mm slices) or "full" (512 x 512, 0.6-0.8 mm,
             200-400 slices). v2: write fixed HU volumes with true affines instead of CT-RATE v1 files.
         anatomy_table: table (name or JSON path) whose anatomies the anatomy texts describe.
-        workers: processes. difficulty: the lesion-severity knob (see :mod:`fvlm.synth.lesions`).
+        workers: processes (one job pool, :func:`fvlm.data.jobs.run_jobs`; 1 = in this process).
+        difficulty: the lesion-severity knob (see :mod:`fvlm.synth.lesions`).
         max_reconstructions: > 0 caps the reconstructions per scan (e.g. 1 for a quick training set); the
             scans themselves (anatomy, findings, reports) do not change.
     Returns:
-        a summary (counts, seconds, bytes per volume), also written to ``synth_info.json``.
+        what was written (``info``: the content of ``synth_info.json``) and how long it took.
     Raises:
         RuntimeError listing every scan that failed (all others are still written).
     """
@@ -260,8 +283,6 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
     results: list[ScanResult] = []
     bar = tqdm(total=len(jobs), desc="synth", unit="scan", disable=None)
     if workers > 1 and len(jobs) > 1:
-        from fvlm.data.jobs import JobError, run_jobs
-
         # a worker that dies (out of memory) fails only the scan it held; results keep the job order
         by_index: dict[int, ScanResult] = {}
         for k, r in run_jobs(run_scan, [(j,) for j in jobs], workers, context="spawn", initializer=_init_worker):
@@ -317,13 +338,13 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
                     + ("" if v2 else "; v1 volumes: identity affine, stored = HU - RescaleIntercept"),
     }
     atomic_write_text(out / "synth_info.json", json.dumps(info, indent=2))
-    summary = {**info, "seconds": round(time.perf_counter() - t0, 2),
-               "render_s_per_volume": float(np.median(render_s)) if render_s else None,
-               "write_s_per_volume": float(np.median(write_s)) if write_s else None,
-               "bytes_per_volume": float(np.median(nbytes)) if nbytes else None, "failed": len(failures)}
+    summary = SynthResult(out, info, round(time.perf_counter() - t0, 2),
+                          render_s_per_volume=float(np.median(render_s)) if render_s else None,
+                          write_s_per_volume=float(np.median(write_s)) if write_s else None,
+                          bytes_per_volume=float(np.median(nbytes)) if nbytes else None, failed=len(failures))
     log.info("wrote %d volumes in %.1f s (median render %.2f s, write %.2f s, %.1f MB per volume incl. mask)",
-             len(render_s), summary["seconds"], summary["render_s_per_volume"] or 0, summary["write_s_per_volume"] or 0,
-             (summary["bytes_per_volume"] or 0) / 1e6)
+             len(render_s), summary.seconds, summary.render_s_per_volume or 0, summary.write_s_per_volume or 0,
+             (summary.bytes_per_volume or 0) / 1e6)
     if failures:
         lines = "\n".join(f"  {r.scan_id}: {r.error}" for r in failures)
         raise RuntimeError(f"{len(failures)} of {len(jobs)} scans failed (the others were written):\n{lines}")
@@ -331,5 +352,6 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
 
 
 def _init_worker() -> None:
-    # one thread per worker process: the workers are the parallelism
+    # one thread per worker process: the workers are the parallelism. Private for now: data/jobs.py gets one shared
+    # worker initialiser, which this becomes at the merge.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
