@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fvlm.io import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -193,8 +196,6 @@ class Config:
     def _check_ranges(self) -> None:
         """Types are checked on loading; here the ranges, so that nothing runs (or is written) with a value
         that can only fail later (``train.batch_size=0``, a negative spacing, a NaN learning rate)."""
-        import math
-
         d, t, m = self.data, self.train, self.model
         checks: list[tuple[str, Any, bool, str]] = [
             ("data.spacing", d.spacing, all(math.isfinite(x) and x > 0 for x in d.spacing), "positive mm"),
@@ -246,8 +247,6 @@ class Config:
         return _to_jsonable(dataclasses.asdict(self))
 
     def save(self, path: str | Path) -> None:
-        from fvlm.io import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 

@@ -32,7 +32,6 @@ import torch
 
 from fvlm import distributed as dist
 from fvlm import engine
-from fvlm.anatomy import load_anatomy_table
 from fvlm.checkpoint import checkpoint_dir, is_complete, load_training_state
 from fvlm.config import Config, config_from_dict
 from fvlm.data.compat import check_store
@@ -65,10 +64,7 @@ def train_coteaching(cfg: Config, data: str | Path, out: str | Path, resume: boo
     session = engine.start(device)
     dev, rank, world = session.device, session.rank, session.world
     ckpt = engine.resume_point(run, resume)
-    if ckpt is not None:
-        cfg, table = engine.run_config(ckpt, cfg)
-    else:
-        table = load_anatomy_table(cfg.data.anatomy_table)
+    cfg, table = engine.run_config(cfg, ckpt)
     if not cfg.loss.co_teaching:
         raise ValueError("train_coteaching needs loss.co_teaching=true")
     check_store(cfg, table, data)

@@ -21,7 +21,6 @@ import torch
 from fvlm import distributed as dist
 from fvlm import engine
 from fvlm import loss as losses  # the module: tests replace losses.anatomy_contrastive_loss
-from fvlm.anatomy import load_anatomy_table
 from fvlm.checkpoint import build_config
 from fvlm.config import Config
 from fvlm.coteach import train_coteaching
@@ -80,10 +79,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, 
     session = engine.start(device)
     dev, rank, world = session.device, session.rank, session.world
     ckpt = engine.resume_point(run, resume)
-    if ckpt is not None:
-        cfg, table = engine.run_config(ckpt, cfg)
-    else:
-        table = load_anatomy_table(cfg.data.anatomy_table)
+    cfg, table = engine.run_config(cfg, ckpt)
     check_store(cfg, table, data)
     # the "train" marker is set again only when this run completes its schedule
     engine.write_run_files(run, cfg, table, extra=lambda r: clear_marker(r, "train"))
