@@ -90,7 +90,7 @@ def test_refusals(tiny_data, tmp_path):
         embed(run, store, "valid", tmp_path / "emb.safetensors", device="cpu")
     assert not (tmp_path / "scores.csv").exists() and not (tmp_path / "emb.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="fvlm preprocess"):
-        evaluate(run, tmp_path / "empty", "valid", tmp_path / "scores.csv", device="cpu")
+        embed(run, tmp_path / "empty", "valid", tmp_path / "emb.safetensors", device="cpu")
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_data, tmp_path, monkeypatch):

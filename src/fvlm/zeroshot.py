@@ -289,7 +289,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Pa
 
     dev = resolve_device(device)
     model, cfg, table = load_model(checkpoint, dev)
-    check_store(cfg, table, data)  # a model needs data preprocessed its way (spacing, window, anatomies)
+    check_store(cfg, table, data, required=False)  # a model needs data preprocessed its way
     if anatomy_table:
         other = load_anatomy_table(anatomy_table)
         if other.names != table.names:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from fvlm.config import (
     load_config,
     preset_path,
 )
+
+log = logging.getLogger(__name__)
 
 SETTINGS = "preprocess_config.json"
 DEFAULT_TRAIN_PRESET = "demo"  # fvlm train's model and training settings when no --config is given
@@ -46,14 +49,19 @@ def store_settings(data: str | Path) -> dict[str, Any] | None:
     return saved
 
 
-def check_store(cfg: Config, table: AnatomyTable, data: str | Path) -> None:
+def check_store(cfg: Config, table: AnatomyTable, data: str | Path, required: bool = True) -> None:
     """Refuse data preprocessed with another spacing/window/anatomy table than the run's config.
 
-    FileNotFoundError when ``data`` is no store; ValueError naming every difference and the flags that fix it.
+    ValueError naming every difference and the flags that fix it. A store without ``preprocess_config.json``:
+    FileNotFoundError, or with ``required=False`` nothing to compare (volumes imported by
+    :func:`fvlm.convert.import_released_volumes` carry no settings; ``fvlm eval`` scores them).
     """
     data = Path(data)
     saved = store_settings(data)
     if saved is None:
+        if not required:
+            log.info("%s has no %s: its preprocessing cannot be checked against the model's", data, SETTINGS)
+            return
         raise FileNotFoundError(f"{data / SETTINGS} not found: is {data} a directory written by fvlm preprocess?")
     d = saved.get("data", saved)
     problems = []
