@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if "probe" not in results:
         t0 = time.perf_counter()
         s = run_probe(args.run, data, [train_labels, valid_labels], work / "probe", fractions=fractions,
-                      seeds=args.seeds, device="cpu")
+                      seeds=args.seeds, device="cpu").to_dict()
         zs = s["zero_shot"]
         results["labels"] = {"zero_shot_labels": zs["labels"], "evaluable": s["evaluable_labels"],
                              "skipped": s["skipped"], "train_volumes": s["train_volumes"],

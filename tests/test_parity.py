@@ -378,7 +378,7 @@ def test_presets_differ_exactly_in_the_documented_switches():
 
 
 def test_released_lr_schedule_is_stepped_per_epoch():
-    from fvlm.train import lr_at
+    from fvlm.engine import lr_at
 
     cfg = load_config("paper_released", ["train.epochs=4", "train.warmup_steps=3", "train.lr=1e-3",
                                          "train.warmup_lr=1e-5", "train.min_lr=1e-6"])

@@ -116,13 +116,13 @@ def test_concat_features_and_an_explicit_anatomy_map(synthetic_probe):
     amap.write_text(json.dumps({"Emphysema": "heart", "Cardiomegaly": ["heart", "aorta"], "Control": "lung"}))
     s = probe.run_probe(run, root, [root / "train_labels.csv", root / "valid_labels.csv"], root / "o1",
                         fractions=[1.0], seeds=1, anatomy_map=str(amap), zero_shot=False, device="cpu")
-    assert s["label_info"]["Cardiomegaly"]["anatomies"] == ["heart", "aorta"]
-    assert s["runs"][0]["auc"]["Emphysema"] < 0.75  # the heart does not carry it: the map is obeyed
-    assert s["runs"][0]["auc"]["Cardiomegaly"] > 0.9
+    assert s.label_info["Cardiomegaly"]["anatomies"] == ["heart", "aorta"]
+    assert s.runs[0].auc["Emphysema"] < 0.75  # the heart does not carry it: the map is obeyed
+    assert s.runs[0].auc["Cardiomegaly"] > 0.9
     s = probe.run_probe(run, root, [root / "train_labels.csv", root / "valid_labels.csv"], root / "o2",
                         fractions=[1.0], seeds=1, features="concat", zero_shot=False, device="cpu")
-    assert all(v["anatomies"] == ANATOMIES for v in s["label_info"].values())
-    assert s["runs"][0]["auc"]["Emphysema"] > 0.9
+    assert all(v["anatomies"] == ANATOMIES for v in s.label_info.values())
+    assert s.runs[0].auc["Emphysema"] > 0.9
 
 
 def test_label_table_errors_and_missing_values(tmp_path):
@@ -172,8 +172,8 @@ def test_probe_on_a_real_tiny_run_caches_embeddings_and_matches_eval(tiny_data, 
     # every label without a positive among the tiny training volumes is reported
     y = read_label_table(tiny_data / "labels" / "train_labels.csv")
     never = sorted(c for c in y.columns if y[c].max() < 1)
-    assert sorted(k for k, v in s["skipped"].items() if "never positive" in v) == never
-    assert set(s["scored_labels"]) == set(y.columns) - set(s["skipped"])
+    assert sorted(k for k, v in s.skipped.items() if "never positive" in v) == never
+    assert set(s.scored_labels) == set(y.columns) - set(s.skipped)
     # zero-shot from the cached embeddings = fvlm eval
     ev = fvlm.zeroshot.evaluate(run, tiny_data, "valid", tmp_path / "eval.csv", device="cpu")
     zs = pd.read_csv(out / "scores" / "zeroshot.csv")

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from fvlm.checkpoint import latest_checkpoint, load_model
 from fvlm.cli import main
 from fvlm.config import load_config
-from fvlm.train import lr_at, train
+from fvlm.engine import lr_at
+from fvlm.train import train
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -74,6 +75,22 @@ def test_refusals(tiny_data, tmp_path):
     # data preprocessed with another spacing must not be mixed into a run silently
     with pytest.raises(ValueError, match="spacing"):
         train(load_config("tiny", ["data.spacing=[2.0, 2.0, 4.0]"]), tiny_data, tmp_path / "other")
+    # and so does evaluation (fvlm eval, fvlm embed): the model needs the store preprocessed its way
+    from fvlm.embed import embed
+    from fvlm.zeroshot import evaluate
+
+    store = tmp_path / "store"
+    store.mkdir()
+    settings = json.loads((tiny_data / "preprocess_config.json").read_text())
+    settings["data"]["spacing"] = [2.0, 2.0, 4.0]
+    (store / "preprocess_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"data\.spacing.*--config"):
+        evaluate(run, store, "valid", tmp_path / "scores.csv", device="cpu")
+    with pytest.raises(ValueError, match=r"data\.spacing"):
+        embed(run, store, "valid", tmp_path / "emb.safetensors", device="cpu")
+    assert not (tmp_path / "scores.csv").exists() and not (tmp_path / "emb.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="fvlm preprocess"):
+        embed(run, tmp_path / "empty", "valid", tmp_path / "emb.safetensors", device="cpu")
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_data, tmp_path, monkeypatch):

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fvlm.io import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -193,8 +196,6 @@ class Config:
     def _check_ranges(self) -> None:
         """Types are checked on loading; here the ranges, so that nothing runs (or is written) with a value
         that can only fail later (``train.batch_size=0``, a negative spacing, a NaN learning rate)."""
-        import math
-
         d, t, m = self.data, self.train, self.model
         checks: list[tuple[str, Any, bool, str]] = [
             ("data.spacing", d.spacing, all(math.isfinite(x) and x > 0 for x in d.spacing), "positive mm"),
@@ -246,8 +247,6 @@ class Config:
         return _to_jsonable(dataclasses.asdict(self))
 
     def save(self, path: str | Path) -> None:
-        from fvlm.io import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
@@ -399,36 +398,3 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
             raise type(e)(f"{path}: {e}") from None
         base = _merge(base, user)
     return config_from_dict(apply_overrides(base, overrides))
-
-
-DEFAULT_TRAIN_PRESET = "demo"  # fvlm train's model and training settings when no --config is given
-
-
-def config_for_store(store: str | Path, name_or_path: str | Path | None = None,
-                     overrides: list[str] | None = None) -> Config:
-    """``fvlm train``'s configuration, which cannot disagree with the data it is given.
-
-    With a preset or file, that (the store is then checked against it). Without one, the data settings are
-    the ones the store was preprocessed with (its ``preprocess_config.json``) and everything else comes from
-    the default preset (:data:`DEFAULT_TRAIN_PRESET`). ``overrides`` apply last.
-    """
-    if name_or_path is not None:
-        return load_config(name_or_path, overrides)
-    path = Path(store) / "preprocess_config.json"
-    if not path.is_file():
-        return load_config(DEFAULT_TRAIN_PRESET, overrides)  # training reports the missing store itself
-    try:
-        stored = json.loads(path.read_text())
-        data = stored.get("data", stored)
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: cannot read the store's preprocessing settings ({e})") from None
-    known = {f.name for f in dataclasses.fields(DataConfig)} - {"texts"}
-    base = _merge(_to_jsonable(dataclasses.asdict(Config())), json.loads(preset_path(DEFAULT_TRAIN_PRESET).read_text()))
-    base["data"] = _merge(base["data"], {k: v for k, v in data.items() if k in known})
-    try:
-        return config_from_dict(apply_overrides(base, overrides))
-    except (KeyError, TypeError, ValueError) as e:
-        raise type(e)(f"the data settings of {path} do not fit the default preset {DEFAULT_TRAIN_PRESET!r}: {e}; "
-                      "pass --config with a preset that fits (e.g. the one the store was preprocessed with) or "
-                      "fix it with --set") from None
-

@@ -18,6 +18,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """
     if not is_distributed():
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [device.index if device.index is not None else local_rank()] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 

@@ -85,14 +85,15 @@ def embed(checkpoint: str | Path, data: str | Path, split: str = "valid", out: s
     from safetensors.numpy import save_file
 
     from fvlm.checkpoint import load_model
-    from fvlm.train import autocast_context, check_data_config, resolve_device
+    from fvlm.data.compat import check_store
+    from fvlm.runtime import autocast_context, resolve_device
     from fvlm.zeroshot import anatomy_embeddings
 
     root = Path(data)
     dev = resolve_device(device)
     model, cfg, table = load_model(checkpoint, dev)
     ckpt = model.source
-    check_data_config(cfg, table, root)
+    check_store(cfg, table, root)
     global_mode = cfg.loss.mode == "global"
     anatomies = [GLOBAL] if global_mode else list(table.names)
 

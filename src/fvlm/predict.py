@@ -628,7 +628,7 @@ class Predictor:
             features float32 (A, E) (A = 1 in global mode), NaN where the anatomy is absent; the crops as
             [{"anatomies", "start", "size"}].
         """
-        from fvlm.train import autocast_context
+        from fvlm.runtime import autocast_context
 
         cfg = self.cfg
         vol = ProcessedVolume(Path("."), image, mask, meta)
@@ -723,7 +723,7 @@ def load(checkpoint: str | Path, device: str = "cpu") -> Predictor:
     """Load a model folder (run, checkpoint, ``fvlm export`` output) or a Hub id (``org/name``, from the local
     cache) for prediction (``device``: cpu, cuda, cuda:1, auto)."""
     from fvlm.checkpoint import load_model
-    from fvlm.train import resolve_device
+    from fvlm.runtime import resolve_device
 
     dev = resolve_device(device)
     model, cfg, table = load_model(checkpoint, dev)

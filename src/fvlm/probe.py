@@ -4,11 +4,8 @@
         --fractions 0.01,0.1,1 --seeds 3
 
 The encoder stays frozen. The anatomy embeddings of the training split and of the evaluated split are
-computed once (the evaluation crops of :func:`fvlm.zeroshot.anatomy_embeddings`, which ``fvlm embed`` uses too)
-and cached in ``OUT/cache/embeddings_{split}.safetensors`` in ``fvlm embed``'s layout (``image/{anatomy}``,
-``valid/{anatomy}``, metadata ``volumes``/``anatomies``/...; no text tensors), keyed by a hash of the
-checkpoint's weights, config and anatomy table and of the processed split: a changed checkpoint or changed
-data recomputes them.
+computed once and cached in ``OUT/cache/`` (:mod:`fvlm.probe_cache`: a changed checkpoint or changed data
+recomputes them).
 
 Per label, one L2-regularised logistic regression (scikit-learn) on
 
@@ -41,22 +38,29 @@ AUCs in the JSON follow the protocol's missing-score rule of ``fvlm metrics`` (a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import statistics
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
+from fvlm.anatomy import load_anatomy_table
+from fvlm.checkpoint import load_model, load_run_config, resolve_checkpoint
 from fvlm.io import atomic_path, atomic_write_text
 from fvlm.labels import order_labels, read_label_table
-from fvlm.paths import safe_component
+from fvlm.probe_cache import GLOBAL, split_embeddings
+from fvlm.runtime import resolve_device
+from fvlm.zeroshot import prompt_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -64,87 +68,6 @@ FEATURE_MODES = ("mapped", "concat")
 C_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 DEFAULT_C = 1.0
 MAX_FOLDS = 5
-GLOBAL = "global"  # the one "anatomy" of a global-mode run (as fvlm embed names it)
-
-
-# ------------------------------------------------------------------------------------------ embeddings cache
-def _file_digest(path: Path, h: Any) -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-
-
-def cache_key(ckpt: Path, data: Path, split: str) -> str:
-    """Hash of what the embeddings depend on: the checkpoint's weights, config and anatomy table, and the
-    processed split (its preprocessing config and every volume's meta.json)."""
-    from fvlm.data import store
-
-    h = hashlib.sha256()
-    for name in ("model.safetensors", "config.json", "anatomy_table.json"):
-        _file_digest(ckpt / name, h)
-    p = data / "preprocess_config.json"
-    if p.is_file():
-        _file_digest(p, h)
-    for v in store.list_volumes(data, split):
-        h.update(v.encode() + b"\0")
-        _file_digest(store.volume_dir(data, split, v) / "meta.json", h)
-    h.update(split.encode())
-    return h.hexdigest()
-
-
-def _read_cache(path: Path, key: str) -> tuple[list[str], list[str], np.ndarray] | None:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            if meta.get("cache_key") != key:
-                log.info("%s was computed from another checkpoint or other data: recomputing", path)
-                return None
-            volumes, anatomies = json.loads(meta["volumes"]), json.loads(meta["anatomies"])
-            feats = np.stack([f.get_tensor(f"image/{a}") for a in anatomies], axis=1)
-    except (OSError, KeyError, ValueError) as e:  # unreadable / foreign file: recompute, never trust it
-        log.warning("ignoring unreadable embeddings cache %s (%s)", path, e)
-        return None
-    return volumes, anatomies, feats
-
-
-def split_embeddings(ckpt: Path, data: Path, split: str, cache_dir: Path, model_bundle: Any, device: Any,
-                     batch_size: int = 0) -> tuple[list[str], list[str], np.ndarray]:
-    """(volumes, anatomies, float32 (N, A, E) with NaN where absent) of a split, from the cache or computed.
-
-    ``model_bundle``: a callable returning ``(model, cfg, table)`` (loaded only when needed).
-    """
-    from safetensors.numpy import save_file
-
-    safe_component(split, "split")  # part of the cache file name: checked before any file is read or written
-    key = cache_key(ckpt, data, split)
-    path = cache_dir / f"embeddings_{split}.safetensors"
-    cached = _read_cache(path, key)
-    if cached is not None:
-        log.info("embeddings of %s/%s from cache %s", data, split, path)
-        return cached
-    from fvlm.train import check_data_config
-    from fvlm.zeroshot import anatomy_embeddings
-
-    model, cfg, table = model_bundle()
-    check_data_config(cfg, table, data)
-    volumes, feats = anatomy_embeddings(model, cfg, table, data, split, device, batch_size)
-    anatomies = [GLOBAL] if cfg.loss.mode == "global" else list(table.names)
-    tensors = {}
-    for k, a in enumerate(anatomies):
-        img = np.ascontiguousarray(feats[:, k], dtype=np.float32)
-        tensors[f"image/{a}"] = img
-        tensors[f"valid/{a}"] = np.isfinite(img).all(axis=1)
-    metadata = {"volumes": json.dumps(volumes), "anatomies": json.dumps(anatomies), "checkpoint": str(ckpt),
-                "split": split, "mode": cfg.loss.mode, "embed_dim": str(feats.shape[2]), "cache_key": key,
-                "texts": "none (image embeddings only: fvlm probe cache)"}
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    log.info("cached %d x %d embeddings of %s/%s -> %s", len(volumes), len(anatomies), data, split, path)
-    return volumes, anatomies, feats
 
 
 # ------------------------------------------------------------------------------------------ labels -> features
@@ -164,8 +87,6 @@ def label_anatomies(labels: Sequence[str], anatomies: Sequence[str], table: Any,
     mapping: dict[str, list[str]] = {}
     source = "the run's anatomy table"
     if anatomy_map:
-        from fvlm.anatomy import load_anatomy_table
-
         source = str(anatomy_map)
         p = Path(anatomy_map)
         raw = None
@@ -247,10 +168,6 @@ class Head:
 def fit_head(x: np.ndarray, y: np.ndarray, seed: int = 0, cs: Sequence[float] = C_GRID,
              max_folds: int = MAX_FOLDS) -> Head:
     """Fit one label's head on training rows ``x`` (n, d), ``y`` (n,) in {0, 1} (both classes present)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
-
     y = y.astype(int)
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     if n_pos == 0 or n_neg == 0:
@@ -283,8 +200,6 @@ def fit_head(x: np.ndarray, y: np.ndarray, seed: int = 0, cs: Sequence[float] = 
 def label_auc(scores: np.ndarray, truth: np.ndarray) -> float | None:
     """AUC of one label over its labelled volumes (NaN truth excluded); a missing score counts as 0 (the
     protocol's rule in ``fvlm metrics``). None when the volumes hold a single class."""
-    from sklearn.metrics import roc_auc_score
-
     keep = ~np.isnan(truth)
     y, s = truth[keep], np.nan_to_num(scores[keep], nan=0.0)
     if y.size == 0 or y.min() == y.max():
@@ -325,15 +240,71 @@ def _frac_name(f: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the command
+@dataclass
+class ZeroShotReference:
+    """The run's zero-shot scores of the evaluated volumes (from the same embeddings), on the probes' labels."""
+
+    scores: str  # the scores CSV
+    auc: dict[str, float | None]  # per label the run's prompts score
+    labels: list[str]  # labels both zero-shot and the probes score (with both classes in the evaluated split)
+    macro_auc: float | None  # over ``labels``
+
+
+@dataclass
+class ProbeRun:
+    """The probes of one label fraction and seed."""
+
+    fraction: float
+    seed: int
+    scores: str  # the scores CSV
+    macro_auc: float | None  # over the evaluable labels
+    macro_auc_zero_shot_labels: float | None  # over the zero-shot reference's labels
+    auc: dict[str, float | None]
+    heads: dict[str, dict[str, Any]]  # label -> C, cv_folds, cv_auc, train_positives, train_n
+
+
+@dataclass
+class ProbeResult:
+    """What ``fvlm probe`` found (``probe.json``: :meth:`to_json`)."""
+
+    checkpoint: str
+    data: str
+    labels: str | list[str]
+    features: str
+    anatomy_map: str
+    train_split: str
+    split: str
+    fractions: list[float]
+    seeds: int
+    c_grid: list[float]
+    train_volumes: int
+    eval_volumes: int
+    scored_labels: list[str]
+    evaluable_labels: list[str]
+    skipped: dict[str, str]  # label -> why it has no probe
+    fallback_all_anatomies: list[str]
+    label_info: dict[str, dict[str, Any]]  # label -> anatomies read, training and evaluation counts
+    zero_shot: ZeroShotReference | None
+    by_fraction: dict[str, dict[str, Any]]  # "0.1" -> mean/std/seeds of the macro AUCs, mean training labels
+    runs: list[ProbeRun]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
 def run_probe(checkpoint: str | Path, data: str | Path, labels: str | Sequence[str], out: str | Path,
               fractions: Sequence[float] = (0.01, 0.1, 1.0), seeds: int = 3, anatomy_map: str | None = None,
               features: str = "mapped", train_split: str = "train", split: str = "valid", device: str = "auto",
               batch_size: int = 0, cache: str | Path | None = None, zero_shot: bool = True,
-              label_columns: Sequence[str] | None = None) -> dict[str, Any]:
-    """Fit and score the probes; writes ``OUT/`` (see the module docstring) and returns the summary dict."""
-    from fvlm.checkpoint import load_run_config, resolve_checkpoint
-    from fvlm.train import resolve_device
+              label_columns: Sequence[str] | None = None) -> ProbeResult:
+    """Fit and score the probes; writes ``OUT/`` (see the module docstring) and returns what ``probe.json`` holds.
 
+    ``fractions``: of the training labels, each in (0, 1]; ``seeds``: subsampling / cross-validation seeds per
+    fraction; ``cache``: the embeddings cache directory (default ``OUT/cache``); ``label_columns``: the label
+    columns to use (default all)."""
     data, out = Path(data), Path(out)
     fractions = sorted({float(f) for f in fractions})
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
@@ -347,8 +318,6 @@ def run_probe(checkpoint: str | Path, data: str | Path, labels: str | Sequence[s
 
     def model_bundle():
         if not bundle:
-            from fvlm.checkpoint import load_model
-
             bundle["m"] = load_model(ckpt, dev)
         return bundle["m"]
 
@@ -392,23 +361,18 @@ def run_probe(checkpoint: str | Path, data: str | Path, labels: str | Sequence[s
     evaluable = [label for label in scored
                  if label_info[label]["eval_positives"] and label_info[label]["eval_negatives"]]
 
-    zs: dict[str, Any] | None = None
+    zs: ZeroShotReference | None = None
     if zero_shot and table.prompts:
-        from fvlm.zeroshot import prompt_probabilities
-
         model, mcfg, mtable = model_bundle()
         probs = prompt_probabilities(model, mcfg, mtable, ev_feats.astype(np.float32), dev)
         write_scores(scores_frame(ev_vol, probs), out / "scores" / "zeroshot.csv")
         aucs = {label: label_auc(p, y_ev[label].to_numpy(dtype=np.float64)) if label in y_ev else None
                 for label, p in probs.items()}
         common = [label for label in evaluable if aucs.get(label) is not None]
-        zs = {"scores": str(out / "scores" / "zeroshot.csv"), "auc": aucs, "labels": common,
-              "macro_auc": _macro(aucs, common)}
-    common = zs["labels"] if zs else []
+        zs = ZeroShotReference(str(out / "scores" / "zeroshot.csv"), aucs, common, _macro(aucs, common))
+    common = zs.labels if zs else []
 
-    from threadpoolctl import threadpool_limits
-
-    runs = []
+    runs: list[ProbeRun] = []
     for fraction, seed in ((f, s) for f in fractions for s in range(seeds)):
         # small BLAS problems: one thread each is ~10x faster than contended multi-threading
         with threadpool_limits(limits=1):
@@ -426,41 +390,40 @@ def run_probe(checkpoint: str | Path, data: str | Path, labels: str | Sequence[s
                                  "train_positives": int(yt[keep].sum()), "train_n": int(keep.sum())}
             path = out / "scores" / f"probe_f{_frac_name(fraction)}_seed{seed}.csv"
             write_scores(scores_frame(ev_vol, columns), path)
-            run = {"fraction": fraction, "seed": seed, "scores": str(path), "macro_auc": _macro(aucs, evaluable),
-                   "macro_auc_zero_shot_labels": _macro(aucs, common) if common else None,
-                   "auc": {k: None if v is None else round(v, 4) for k, v in aucs.items()}, "heads": chosen}
+            run = ProbeRun(fraction, seed, str(path), _macro(aucs, evaluable),
+                           _macro(aucs, common) if common else None,
+                           {k: None if v is None else round(v, 4) for k, v in aucs.items()}, chosen)
             runs.append(run)
             log.info("probe fraction %g seed %d: macro AUC %s over %d labels -> %s", fraction, seed,
-                     run["macro_auc"], len(evaluable), path)
+                     run.macro_auc, len(evaluable), path)
 
     by_fraction = {}
     for fraction in fractions:
-        rows = [r for r in runs if r["fraction"] == fraction]
+        rows = [r for r in runs if r.fraction == fraction]
         entry = {}
         for key in ("macro_auc", "macro_auc_zero_shot_labels"):
-            vals = [r[key] for r in rows if r[key] is not None]
+            vals = [getattr(r, key) for r in rows if getattr(r, key) is not None]
             entry[key] = {"mean": round(statistics.mean(vals), 4) if vals else None,
                           "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0 if vals else None,
                           "seeds": vals}
         entry["mean_train_n"] = round(statistics.mean(
-            statistics.mean(h["train_n"] for h in r["heads"].values()) for r in rows), 1)
+            statistics.mean(h["train_n"] for h in r.heads.values()) for r in rows), 1)
         by_fraction[_frac_name(fraction)] = entry
-    summary = {"checkpoint": str(ckpt), "data": str(data), "labels": labels if isinstance(labels, str)
-               else list(map(str, labels)), "features": features, "anatomy_map": anatomy_map or "run's anatomy table",
-               "train_split": train_split, "split": split, "fractions": fractions, "seeds": seeds,
-               "c_grid": list(C_GRID), "train_volumes": len(tr_vol), "eval_volumes": len(ev_vol),
-               "scored_labels": scored, "evaluable_labels": evaluable, "skipped": skipped,
-               "fallback_all_anatomies": fallback, "label_info": label_info, "zero_shot": zs,
-               "by_fraction": by_fraction, "runs": runs}
-    atomic_write_text(out / "probe.json", json.dumps(summary, indent=2) + "\n")
-    plot_fractions(summary, out / "probe_auc.png")
+    result = ProbeResult(
+        checkpoint=str(ckpt), data=str(data), labels=labels if isinstance(labels, str) else list(map(str, labels)),
+        features=features, anatomy_map=anatomy_map or "run's anatomy table", train_split=train_split, split=split,
+        fractions=fractions, seeds=seeds, c_grid=list(C_GRID), train_volumes=len(tr_vol), eval_volumes=len(ev_vol),
+        scored_labels=scored, evaluable_labels=evaluable, skipped=skipped, fallback_all_anatomies=fallback,
+        label_info=label_info, zero_shot=zs, by_fraction=by_fraction, runs=runs)
+    atomic_write_text(out / "probe.json", result.to_json())
+    plot_fractions(result.to_dict(), out / "probe_auc.png")
     log.info("probe summary -> %s", out / "probe.json")
-    return summary
+    return result
 
 
 def plot_fractions(summary: dict[str, Any], path: Path) -> None:
     """Macro AUC (mean +- sd over seeds) against the label fraction (log scale), zero-shot as a line."""
-    import matplotlib
+    import matplotlib  # here, not at the top: measured 0.7 s, and plotting moves to fvlm.plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -488,18 +451,5 @@ def plot_fractions(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run_probe_cli(args: Any) -> int:
-    try:
-        fractions = [float(f) for f in str(args.fractions).split(",") if f.strip()]
-    except ValueError:
-        raise ValueError(f"--fractions: expected comma-separated numbers, got {args.fractions!r}") from None
-    run_probe(args.checkpoint, args.data, args.labels, args.out, fractions=fractions, seeds=args.seeds,
-              anatomy_map=args.anatomy_map or None, features=args.features, train_split=args.train_split,
-              split=args.split, device=args.device, batch_size=args.batch_size, cache=args.cache or None,
-              zero_shot=not args.no_zero_shot,
-              label_columns=[c.strip() for c in args.columns.split(",")] if args.columns else None)
-    return 0
-
-
-__all__ = ["C_GRID", "FEATURE_MODES", "fit_head", "label_anatomies", "label_auc", "run_probe", "split_embeddings",
-           "subsample"]
+__all__ = ["C_GRID", "FEATURE_MODES", "GLOBAL", "ProbeResult", "ProbeRun", "ZeroShotReference", "fit_head",
+           "label_anatomies", "label_auc", "run_probe", "split_embeddings", "subsample"]

@@ -219,7 +219,7 @@ def anatomy_embeddings(model: torch.nn.Module, cfg: Config, table: AnatomyTable,
         volumes: the N volume names;
         features: float32 ``(N, A, E)`` (``A = 1`` for a global-mode model), NaN where the anatomy is absent.
     """
-    from fvlm.train import autocast_context
+    from fvlm.runtime import autocast_context
 
     root = Path(root)
     global_mode = cfg.loss.mode == "global"
@@ -284,10 +284,12 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Pa
              batch_size: int = 0, anatomy_table: str | None = None) -> pd.DataFrame:
     """Score every volume of ``split``; writes ``out`` (CSV) atomically and returns the table."""
     from fvlm.checkpoint import load_model
-    from fvlm.train import resolve_device
+    from fvlm.data.compat import check_store
+    from fvlm.runtime import resolve_device
 
     dev = resolve_device(device)
     model, cfg, table = load_model(checkpoint, dev)
+    check_store(cfg, table, data, required=False)  # a model needs data preprocessed its way
     if anatomy_table:
         other = load_anatomy_table(anatomy_table)
         if other.names != table.names:
