@@ -13,9 +13,8 @@ import SimpleITK as sitk
 from fvlm.cli import main
 from fvlm.data import radchestct as rc
 from fvlm.data import store
-from fvlm.data.preprocess import read_nifti
+from fvlm.data.volume import read_nifti, write_nifti
 from fvlm.labels import CT_RATE_LABELS
-from fvlm.segment import write_nifti
 
 # the columns docs/ct-rate.md names (from the release's label files)
 DOC_COLUMNS = ["air_trapping", "atelectasis", "atherosclerosis", "calcification", "cardiomegaly", "nodule",

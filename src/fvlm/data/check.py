@@ -32,12 +32,12 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fvlm.data import ctrate
 from fvlm.data.ctrate import no_chest_path, read_volume_list
+from fvlm.data.volume import HeaderInfo, read_header
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +45,6 @@ log = logging.getLogger(__name__)
 FIX_COLUMNS = ("XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient", "RescaleSlope",
                "RescaleIntercept")
 _EXAMPLES = 5  # names shown per problem in the log summary (the JSON report lists all)
-
-
-# ----------------------------------------------------------------------------------------------- small readers
-
-
-@dataclass(frozen=True)
-class HeaderInfo:
-    """What a NIfTI header says, without reading the voxel data."""
-
-    shape_xyz: tuple[int, ...]
-    geometry: Any  # fvlm.data.store.Geometry (LPS)
-    dtype: str
-
-
-def read_header(path: str | Path) -> HeaderInfo:
-    """Header of a .nii / .nii.gz (nibabel reads only the header bytes); ``ValueError`` if it is not one."""
-    import nibabel as nib
-
-    from fvlm.data.preprocess import geometry_from_affine
-
-    try:
-        img = nib.load(str(path))
-        hdr = img.header
-        shape = tuple(int(s) for s in hdr.get_data_shape())
-        return HeaderInfo(shape, geometry_from_affine(hdr.get_best_affine()), str(hdr.get_data_dtype()))
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # nibabel raises assorted types (ImageFileError, EOFError, zlib errors) on bad files
-        raise ValueError(f"{path}: unreadable NIfTI header ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------------------------- per volume
@@ -90,7 +61,7 @@ def _header_version(info: HeaderInfo, meta: ctrate.VolumeMetadata | None) -> tup
 
 def _value_version(path: Path, meta: ctrate.VolumeMetadata | None) -> tuple[str, str]:
     """Read the whole volume: ("v1" | "v2" | "conflict" | "unknown" | "unreadable", reason)."""
-    from fvlm.data.preprocess import check_finite, read_nifti
+    from fvlm.data.volume import check_finite, read_nifti
 
     try:
         vol = read_nifti(path)

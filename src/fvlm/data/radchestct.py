@@ -437,9 +437,8 @@ MANIFEST_FIELDS = ("volume", "split", "status", "shape", "flipped", "orientation
 def verify_mask(image: Path, mask: Path) -> OrientationCheck:
     """``ValueError`` unless the label map ``mask`` lies on the grid of the converted ``image`` and shows the
     patient upright (:func:`superior_end_from_labels`; the image's slice 0 is superior)."""
-    from fvlm.data.check import read_header
     from fvlm.data.labelmap import align_label
-    from fvlm.data.preprocess import SourceVolume, read_nifti
+    from fvlm.data.volume import SourceVolume, read_header, read_nifti
 
     h = read_header(image)
     lab = align_label(SourceVolume(np.empty(h.shape_xyz[:3][::-1], dtype=np.uint8), h.geometry), read_nifti(mask),
@@ -453,7 +452,7 @@ def verify_mask(image: Path, mask: Path) -> OrientationCheck:
 
 def convert_volume(npz: Path, image_out: Path, orientation: str = "check") -> ConvertResult:
     """One .npz -> NIfTI at ``image_out`` (atomic). Never raises: a problem becomes a failed result."""
-    from fvlm.segment import write_nifti
+    from fvlm.data.volume import write_nifti
 
     name = npz.stem
     try:

@@ -30,12 +30,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from fvlm.anatomy import load_anatomy_table
-from fvlm.io import atomic_path, atomic_write_text
+from fvlm.data.volume import write_nifti_ras as write_nifti
+from fvlm.io import atomic_write_text
 from fvlm.labels import CT_RATE_LABELS
 from fvlm.synth.case import (
     _GEOMETRY,
@@ -109,25 +109,6 @@ def volume_relpath(split: str, pid: int, scan: int, rec: int) -> Path:
     prefix = SPLITS[split][0]
     p, s = f"{prefix}_{pid}", f"{prefix}_{pid}_{_SCAN_LETTERS[scan]}"
     return Path(p) / s / f"{s}_{rec}.nii.gz"
-
-
-def write_nifti(path: Path, zyx: np.ndarray, affine: np.ndarray | None) -> int:
-    """Write a (z, y, x) array as a NIfTI (x, y, z) file atomically; returns the file size in bytes.
-
-    ``affine=None`` writes CT-RATE v1's default header (identity affine, sform "aligned", no qform).
-    """
-    data = zyx.T  # (x, y, z) view of the C-ordered array: nibabel writes it without a copy
-    if affine is None:
-        img = nib.Nifti1Image(data, np.eye(4))
-    else:
-        img = nib.Nifti1Image(data, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm")
-    img.header.set_data_dtype(zyx.dtype)
-    with atomic_path(path, suffix=".nii.gz") as tmp:
-        nib.save(img, tmp)
-    return path.stat().st_size
 
 
 def _scan_dates(entropy: int, split: str, pid: int, n_scans: int) -> list[str]:
