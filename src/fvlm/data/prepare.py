@@ -19,8 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from fvlm.anatomy import AnatomyTable
 from fvlm.config import DataConfig
@@ -99,6 +97,13 @@ def anatomy_boxes(mask: np.ndarray, names: Sequence[str]) -> dict[str, dict[str,
 # ----------------------------------------------------------------------------------------------- the pass
 def _resample(arr: np.ndarray, scale_zyx: tuple[float, float, float], mode: str) -> np.ndarray:
     """Resample a (D, H, W) array by ``scale`` with voxel-centre alignment (torch; float32 or uint8)."""
+    # torch imported here: the main process of a parallel run (and fvlm segment / check-data, which import this
+    # module's neighbours) never resamples; torch costs about 1 s and several hundred MB of address space there
+    # (measured: tests/test_jobs.py::test_forkserver_that_cannot_start_still_reports runs the main process
+    # under a 600 MB address-space limit that torch does not fit in)
+    import torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
     out = F.interpolate(t, scale_factor=scale_zyx, mode=mode, recompute_scale_factor=False,
                         **({"align_corners": False} if mode == "trilinear" else {}))
