@@ -117,6 +117,7 @@ class TotalSegmentator:
             raise RuntimeError(f"TotalSegmentator exited with code {proc.returncode}: {tail or '(no output)'}")
 
     def _run_api(self, image: Path, output: Path) -> None:
+        # optional dependency (fvlm[segment]), imported only when this way of running it was chosen
         from totalsegmentator.python_api import totalsegmentator
 
         kwargs: dict[str, Any] = {"ml": True, "fast": self.fast, "task": self.task, "quiet": True,
@@ -142,7 +143,7 @@ def find_totalsegmentator(command: str | None, roi: Sequence[str], fast: bool = 
         if not os.access(exe, os.X_OK):
             raise FileNotFoundError(f"--totalseg-cmd {exe}: not executable (chmod +x?)")
         return TotalSegmentator((str(exe),), tuple(roi), fast, device, task, timeout)
-    try:
+    try:  # is the optional dependency (fvlm[segment]) installed here?
         import totalsegmentator.python_api  # noqa: F401
         return TotalSegmentator((), tuple(roi), fast, device, task, timeout)
     except ImportError:
