@@ -24,8 +24,8 @@ from pathlib import Path
 
 from machine import machine as describe_machine  # noqa: E402  (sibling module of the benchmarks)
 
-from fvlm.recipes.ablation import run_ablation
 from fvlm.io import atomic_write_text
+from fvlm.recipes.ablation import run_ablation
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,7 +172,7 @@ def partial_store(out: Path) -> list[str]:
 
 
 def partial_maps(root: Path) -> list[str]:
-    from fvlm.data.preprocess import read_nifti
+    from fvlm.data.volume import read_nifti
 
     bad = []
     if root.is_dir():
@@ -268,7 +268,7 @@ def _meta(meta: dict[str, Any]) -> dict[str, Any]:
 def same_maps(a: Path, b: Path) -> list[str]:
     import numpy as np
 
-    from fvlm.data.preprocess import read_nifti
+    from fvlm.data.volume import read_nifti
 
     fa = sorted(str(p.relative_to(a)) for p in a.rglob("*.nii.gz") if not _hidden(p, a))
     fb = sorted(str(p.relative_to(b)) for p in b.rglob("*.nii.gz") if not _hidden(p, b))

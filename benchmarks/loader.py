@@ -214,7 +214,7 @@ def main(argv=None) -> int:
 
     from fvlm.anatomy import load_anatomy_table
     from fvlm.config import load_config
-    from fvlm.data import preprocess, store
+    from fvlm.data import b2nd, joblist, preprocess, store
 
     cfg = load_config(args.config)
     size = tuple(cfg.data.crop_size)
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
                                                    f"--valid 0 --seed {args.seed}")
         splits = [args.split] if args.split else ["train", "valid"]
         splits = [s for s in splits if any((root / "dataset" / d).is_dir() for d in (s, f"{s}_fixed"))]
-        jobs = [j for j in preprocess.ctrate_jobs(root, splits) if Path(j.label).exists()][: args.volumes]
+        jobs = [j for j in joblist.ctrate_jobs(root, splits) if Path(j.label).exists()][: args.volumes]
         table = load_anatomy_table(cfg.data.anatomy_table)
         large_cfg = dataclasses.replace(cfg.data, margin=tuple(args.large_margin))
         scen = {"paper": (tmp / "processed", cfg.data), "large": (tmp / "processed_large", large_cfg)}
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
                   "spacing_xyz": list(cfg.data.spacing), "margin_zyx": {"paper": list(cfg.data.margin),
                                                                         "large": list(args.large_margin)},
                   "samples": args.samples, "store_format_version": store.FORMAT_VERSION,
-                  "store_codecs": store.CODECS, "store_chunk_slices": store.CHUNK_SLICES, "variants": {
+                  "store_codecs": store.CODECS, "store_chunk_slices": b2nd.CHUNK_SLICES, "variants": {
                       "b2nd_lz4": "store format 2 (default)", "b2nd_zstd": f"format 2, image {ZSTD}",
                       "b2nd_lz4_cubes": "format 2, 64^3 chunks", "npy": "format 1 (uncompressed .npy, memmap)",
                       "released": "float32 windowed .nii.gz + mask .nii.gz, read whole (nibabel)"},

@@ -105,7 +105,7 @@ def baseline_predict(predictor: Predictor, ct: Path, labels: Path, text_features
     encoded once per checkpoint (``text_features``, as the release does); returns (probabilities, timing)."""
     import SimpleITK as sitk
 
-    from fvlm.data.preprocess import anatomy_boxes, bounding_box
+    from fvlm.data.prepare import anatomy_boxes, bounding_box
     from fvlm.zeroshot import prompt_probabilities
 
     cfg, table = predictor.cfg, predictor.table

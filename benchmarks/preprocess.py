@@ -177,12 +177,13 @@ def ours_with_stages(job, out: Path, data_cfg, table):
     """Our pass (``process_volume``) with its own functions timed: read (read_nifti), fix (version detection),
     merge (anatomies' box from the label map), resample (_resample), write (store.write_volume); the rest of
     the in-memory pass (crop, merge look-up, window, pad, checks) is ``window``."""
-    from fvlm.data import ctrate, store
+    from fvlm.data import prepare, store, v1fix
     from fvlm.data import preprocess as pre
 
     acc = dict.fromkeys(Stages.NAMES, 0.0)
-    patches = [(pre, "read_nifti", "read"), (ctrate, "value_statistics", "fix"), (ctrate, "detect_version", "fix"),
-               (pre, "class_bounding_box", "merge"), (pre, "_resample", "resample"), (store, "write_volume", "write")]
+    patches = [(pre, "read_nifti", "read"), (v1fix, "value_statistics", "fix"), (v1fix, "detect_version", "fix"),
+               (prepare, "class_bounding_box", "merge"), (prepare, "_resample", "resample"),
+               (store, "write_volume", "write")]
     saved = []
     for mod, name, stage in patches:
         fn = getattr(mod, name)
@@ -219,11 +220,11 @@ def synth_root(n_volumes: int, tmp: Path, seed: int) -> Path:
 
 
 def pick_jobs(root: Path, n: int, split: str | None):
-    from fvlm.data import preprocess
+    from fvlm.data import joblist
 
     splits = [split] if split else ["train", "valid"]
     splits = [s for s in splits if (root / "dataset" / s).is_dir() or (root / "dataset" / f"{s}_fixed").is_dir()]
-    jobs = [j for j in preprocess.ctrate_jobs(root, splits) if Path(j.label).exists() and j.metadata is not None]
+    jobs = [j for j in joblist.ctrate_jobs(root, splits) if Path(j.label).exists() and j.metadata is not None]
     if len(jobs) < n:
         log.warning("only %d usable volumes in %s", len(jobs), root)
     return jobs[:n]
@@ -233,7 +234,7 @@ def time_reads(path: str, repeats: int) -> dict:
     import nibabel as nib
     import SimpleITK as sitk
 
-    from fvlm.data.preprocess import read_nifti
+    from fvlm.data.volume import read_nifti
 
     out = {}
     for name, fn in (("simpleitk", lambda: sitk.GetArrayViewFromImage(sitk.ReadImage(path)).shape),

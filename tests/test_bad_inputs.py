@@ -308,7 +308,7 @@ def write_dicom(folder: Path, hu: np.ndarray, spacing, origin, series_uid: str, 
 
 
 def dicom_of_real_ct(folder: Path, uid: str, skip: tuple[int, ...] = ()) -> None:
-    from fvlm.data.preprocess import read_nifti, reorient_lps
+    from fvlm.data.volume import read_nifti, reorient_lps
 
     v = reorient_lps(read_nifti(CT))
     write_dicom(folder, v.array, v.geometry.spacing, v.geometry.origin, uid, skip)
@@ -677,7 +677,7 @@ def test_check_data_reports_duplicates(tmp_path):
 
 
 def test_dicom_gap_rule_units():
-    from fvlm.predict import check_slice_positions
+    from fvlm.data.dicom import check_slice_positions
 
     z = np.arange(10, dtype=np.float64) * 2.5
     normal = np.array([0.0, 0.0, 1.0])

@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from fvlm.data import ctrate
+from fvlm.data import ctrate, ctrate_reports, joblist
 from fvlm.data.store import Geometry
 from fvlm.labels import CT_RATE_LABELS
 
@@ -131,18 +131,18 @@ def test_direction_from_orientation():
 
 
 def test_reports_and_labels(tmp_path, real_data):
-    labels = ctrate.read_labels(real_data / "ct_rate" / "valid_labels.csv")
+    labels = ctrate_reports.read_labels(real_data / "ct_rate" / "valid_labels.csv")
     assert len(labels) == 3039
     assert labels["valid_1_a_1"].shape == (18,) and labels["valid_1_a_1"].dtype == np.int8
     assert labels["valid_1_a_1"][CT_RATE_LABELS.index("Lung nodule")] == 1
     path = tmp_path / "labels.csv"
     _write_csv(path, ["VolumeName", *CT_RATE_LABELS], [["valid_1_a_1.nii.gz", *([0] * 17), 2]])
     with pytest.raises(ValueError, match="line 2"):
-        ctrate.read_labels(path)
+        ctrate_reports.read_labels(path)
     path = tmp_path / "reports.csv"
-    _write_csv(path, ["VolumeName", *ctrate.REPORT_COLUMNS],
+    _write_csv(path, ["VolumeName", *ctrate_reports.REPORT_COLUMNS],
                [["valid_1_a_1.nii.gz", "Not given.", "Non-contrast CT.", "Lungs clear.\nHeart normal.", "Normal."]])
-    r = ctrate.read_reports(path)["valid_1_a_1"]
+    r = ctrate_reports.read_reports(path)["valid_1_a_1"]
     assert r.clinical_information == "" and r.findings == "Lungs clear.\nHeart normal." and r.impressions == "Normal."
 
 
@@ -195,12 +195,12 @@ def test_detect_version(real_metadata):
 
 def test_select_reconstructions(real_metadata):
     names = [n for n in real_metadata if n.startswith(("valid_109_a_", "valid_106_a_", "valid_1_a_"))]
-    assert ctrate.select_reconstructions(names, real_metadata, None) == sorted(names, key=ctrate.natural_key)
-    one = ctrate.select_reconstructions(names, real_metadata, 1)
+    assert joblist.select_reconstructions(names, real_metadata, None) == sorted(names, key=ctrate.natural_key)
+    one = joblist.select_reconstructions(names, real_metadata, 1)
     # HRCT (Philips YA) and PARANKIM (parenchyma) are lung reconstructions; valid_1_a: both HRCT, larger first
     assert one == ["valid_1_a_1", "valid_106_a_3", "valid_109_a_3"]
-    two = ctrate.select_reconstructions(names, real_metadata, 2)
+    two = joblist.select_reconstructions(names, real_metadata, 2)
     assert "valid_109_a_5" in two and "valid_109_a_1" not in two  # then the larger volume (474 vs 209 slices)
     assert len(two) == 6
-    assert ctrate.reconstruction_preference(real_metadata["valid_2_a_1"]) == 2  # "Thorax Lung ... Bl57"
-    assert ctrate.reconstruction_preference(None) == 0
+    assert joblist.reconstruction_preference(real_metadata["valid_2_a_1"]) == 2  # "Thorax Lung ... Bl57"
+    assert joblist.reconstruction_preference(None) == 0

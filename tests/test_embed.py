@@ -22,7 +22,8 @@ from fvlm.text import AnatomyTexts, scan_id
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A synthetic validation split preprocessed with the tiny preset, and an untrained tiny run."""
-    from fvlm.data.preprocess import copy_side_files, ctrate_jobs, run_preprocess
+    from fvlm.data.joblist import ctrate_jobs
+    from fvlm.data.preprocess import copy_side_files, run_preprocess
     from fvlm.synth import synthesize
 
     root = tmp_path_factory.mktemp("embed")

@@ -13,7 +13,7 @@ import pytest
 from fvlm.cli import main
 from fvlm.data import store
 from fvlm.data.labelmap import GridMismatch, align_label, grid_mapping
-from fvlm.data.preprocess import read_nifti
+from fvlm.data.volume import read_nifti
 
 CFG = ["--config", "tiny", "--set", "data.spacing=[3.0,3.0,3.0]", "--set", "data.margin=[1,2,2]",
        "--set", "data.crop_size=[16,32,32]"]
@@ -184,7 +184,7 @@ def test_dicom_series_with_the_nifti_label_map(real_data, tmp_path):
     from fvlm.anatomy import load_anatomy_table
     from fvlm.checkpoint import save_checkpoint
     from fvlm.config import load_config
-    from fvlm.data.preprocess import reorient_lps
+    from fvlm.data.volume import reorient_lps
     from fvlm.model.fvlm import FVLM
 
     cfg = load_config("tiny")

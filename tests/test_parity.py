@@ -415,8 +415,9 @@ def test_released_weight_decay_reaches_every_parameter():
 def test_released_margins_are_asymmetric():
     """The released preprocessing slices [min - 5, max + 5) with max inclusive: 5 before, 4 after (20 / 19)."""
     from fvlm.anatomy import load_anatomy_table
-    from fvlm.data.preprocess import SourceVolume, prepare_arrays
+    from fvlm.data.prepare import prepare_arrays
     from fvlm.data.store import Geometry
+    from fvlm.data.volume import SourceVolume
     from fvlm.totalseg import class_id
 
     table = load_anatomy_table("released")

@@ -13,7 +13,7 @@ import pytest
 
 from fvlm.cli import main
 from fvlm.data import store
-from fvlm.data.preprocess import pairs_jobs
+from fvlm.data.joblist import pairs_jobs
 from fvlm.paths import component_problem, inside, safe_component
 
 CFG = ["--config", "tiny", "--set", "data.spacing=[3.0,3.0,6.0]", "--set", "data.margin=[1,2,2]",

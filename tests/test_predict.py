@@ -103,7 +103,8 @@ def reoriented(hu, lab, spacing, origin, src=(0, 1, 2), flip=(False, False, Fals
 # ----------------------------------------------------------------------------------------------- tests
 def test_predict_equals_eval_of_the_same_volume(run, predictor, tmp_path):
     """A scan predicted alone gets exactly the scores fvlm eval gives it after fvlm preprocess."""
-    from fvlm.data.preprocess import ctrate_jobs, run_preprocess
+    from fvlm.data.joblist import ctrate_jobs
+    from fvlm.data.preprocess import run_preprocess
     from fvlm.synth import synthesize
     from fvlm.zeroshot import evaluate
 
@@ -125,8 +126,9 @@ def test_predict_equals_eval_of_the_same_volume(run, predictor, tmp_path):
 
 def test_shared_windows_equal_one_pass_per_anatomy(predictor, case):
     """Crops with identical windows share a forward pass; the features equal one pass per anatomy."""
-    from fvlm.data.preprocess import SourceVolume, prepare_arrays
+    from fvlm.data.prepare import prepare_arrays
     from fvlm.data.store import Geometry
+    from fvlm.data.volume import SourceVolume
 
     cfg = copy.deepcopy(predictor.cfg)
     cfg.data.eval_crop_size = (64, 96, 96)  # larger than the processed volume: every window is the whole volume

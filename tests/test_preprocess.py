@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from fvlm.anatomy import load_anatomy_table
 from fvlm.cli import main
 from fvlm.config import load_config
-from fvlm.data import ctrate, preprocess, store
+from fvlm.data import ctrate, joblist, prepare, preprocess, store, volume
 from fvlm.data.store import Geometry
 from fvlm.totalseg import CLASS_IDS
 
@@ -189,7 +189,7 @@ def _sitk_resample_to(src: sitk.Image, meta: dict, default: float, interpolator=
 # ------------------------------------------------------------------------------------------- units
 def test_read_nifti_matches_simpleitk(real_data, tmp_path):
     path = real_data / "real_ct" / "ct.nii.gz"
-    vol = preprocess.read_nifti(path)
+    vol = volume.read_nifti(path)
     ref = sitk.ReadImage(str(path))
     np.testing.assert_array_equal(vol.array, sitk.GetArrayViewFromImage(ref))
     np.testing.assert_allclose(vol.geometry.spacing, ref.GetSpacing(), rtol=1e-6)
@@ -198,17 +198,17 @@ def test_read_nifti_matches_simpleitk(real_data, tmp_path):
     # uncompressed .nii too
     plain = tmp_path / "ct.nii"
     sitk.WriteImage(ref, str(plain))
-    np.testing.assert_array_equal(preprocess.read_nifti(plain).array, vol.array)
+    np.testing.assert_array_equal(volume.read_nifti(plain).array, vol.array)
     # SimpleITK silently reads a truncated .nii.gz; we refuse it
     data = path.read_bytes()
     cut = tmp_path / "cut.nii.gz"
     cut.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ValueError, match="truncated"):
-        preprocess.read_nifti(cut)
+        volume.read_nifti(cut)
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(b"\x1f\x8b" + b"not gzip at all" * 10)
     with pytest.raises(ValueError, match="corrupt"):
-        preprocess.read_nifti(junk)
+        volume.read_nifti(junk)
 
 
 @pytest.mark.parametrize("direction", [
@@ -224,7 +224,7 @@ def test_reorient_lps_matches_dicomorient(direction):
     img.SetOrigin((10.0, -20.0, 30.0))
     img.SetDirection(direction)
     ref = sitk.DICOMOrient(img, "LPS")
-    got = preprocess.reorient_lps(preprocess.from_sitk(img))
+    got = volume.reorient_lps(volume.from_sitk(img))
     np.testing.assert_array_equal(got.array, sitk.GetArrayViewFromImage(ref))
     np.testing.assert_allclose(got.geometry.spacing, ref.GetSpacing())
     np.testing.assert_allclose(got.geometry.origin, ref.GetOrigin(), atol=1e-9)
@@ -242,7 +242,7 @@ def test_prepare_arrays_geometry_matches_simpleitk_resampling():
     lab.CopyInformation(img)
     cfg = load_config("tiny", ["data.spacing=[2.0,2.5,4.0]", "data.margin=[1,2,2]", "data.crop_size=[8,16,16]"])
     table = load_anatomy_table("released")
-    image, mask, info = preprocess.prepare_arrays(img, lab, cfg.data, table)
+    image, mask, info = prepare.prepare_arrays(img, lab, cfg.data, table)
     assert image.dtype == np.int16 and mask.dtype == np.uint8 and image.shape == mask.shape
     assert info["orientation"] == "LPS" and info["direction"] == [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]
     ref = _sitk_resample_to(img, {**info, "shape": list(image.shape)}, -1150.0)
@@ -380,7 +380,7 @@ def _root_of(out: Path) -> Path:
 
 def test_shards_cover_every_volume_once(ctrate_root, tmp_path):
     out = tmp_path / "sharded"
-    jobs = preprocess.ctrate_jobs(ctrate_root, ["train", "valid"])
+    jobs = joblist.ctrate_jobs(ctrate_root, ["train", "valid"])
     table = load_anatomy_table("released")
     cfg = load_config("tiny", ["data.spacing=[3.0,3.0,6.0]", "data.margin=[1,2,2]", "data.crop_size=[8,16,16]"])
     seen = []
@@ -412,7 +412,7 @@ def test_workers_match_single_process(processed, ctrate_root, tmp_path):
 
 
 def test_reconstructions_and_limit(ctrate_root, tmp_path):
-    jobs = preprocess.ctrate_jobs(ctrate_root, ["valid"], reconstructions=1)
+    jobs = joblist.ctrate_jobs(ctrate_root, ["valid"], reconstructions=1)
     names = [j.volume for j in jobs]
     assert "valid_1_a_1" in names and "valid_1_a_2" not in names  # HRCT kept over the mediastinal series
     out = tmp_path / "limited"
@@ -422,14 +422,14 @@ def test_reconstructions_and_limit(ctrate_root, tmp_path):
     assert store.list_volumes(out, "valid") == ["valid_1_a_1", "valid_2_a_1"]
     assert not (out / "train").exists()
     with pytest.raises(ValueError, match="shard"):
-        preprocess.parse_shard("2/2")
+        joblist.parse_shard("2/2")
     with pytest.raises(ValueError, match="reconstructions"):
-        preprocess.parse_reconstructions("0")
+        joblist.parse_reconstructions("0")
 
 
 def test_forced_version(ctrate_root, tmp_path):
     """--version v2 on raw v1 data is obeyed (the user decides) and recorded; auto never rescales twice."""
-    jobs = [j for j in preprocess.ctrate_jobs(ctrate_root, ["valid"], version="v1") if j.volume == "valid_2_a_1"]
+    jobs = [j for j in joblist.ctrate_jobs(ctrate_root, ["valid"], version="v1") if j.volume == "valid_2_a_1"]
     cfg = load_config("tiny", ["data.spacing=[3.0,3.0,6.0]", "data.margin=[1,2,2]", "data.crop_size=[8,16,16]"])
     r = preprocess.process_volume(jobs[0], tmp_path, cfg.data, load_anatomy_table("released"))
     assert r.status == "ok" and r.version == "v1"

@@ -14,9 +14,8 @@ from fvlm.cli import main
 from fvlm.data import orientation, store
 from fvlm.data import radchestct as rc
 from fvlm.data import radchestct_labels as rcl
-from fvlm.data.preprocess import read_nifti
+from fvlm.data.volume import read_nifti, write_nifti
 from fvlm.labels import CT_RATE_LABELS
-from fvlm.segment import write_nifti
 
 # the columns docs/ct-rate.md names (from the release's label files)
 DOC_COLUMNS = ["air_trapping", "atelectasis", "atherosclerosis", "calcification", "cardiomegaly", "nodule",

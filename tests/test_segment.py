@@ -18,7 +18,7 @@ import pytest
 from fvlm.anatomy import load_anatomy_table
 from fvlm.cli import main
 from fvlm.data import ctrate, store
-from fvlm.data.preprocess import read_nifti
+from fvlm.data.volume import read_nifti
 from fvlm.segment import roi_subset, totalseg_arguments
 from fvlm.totalseg import CLASS_IDS
 

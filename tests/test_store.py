@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fvlm.data import store
+from fvlm.data import b2nd, store
 
 
 def _arrays(shape=(6, 8, 10), seed=0):
@@ -78,7 +78,7 @@ def test_chunked_and_compressed(tmp_path):
     mask = (body & (z > 5)).astype(np.uint8) * 3
     d = store.write_volume(tmp_path, "train", "t", image, mask, _meta("t", "t"))
     vol = store.open_volume(tmp_path, "train", "t")
-    assert vol.image.chunks == (store.CHUNK_SLICES, h, w) == (16, 48, 64)
+    assert vol.image.chunks == (b2nd.CHUNK_SLICES, h, w) == (16, 48, 64)
     np.testing.assert_array_equal(vol.image[17:39, 5:40, 3:60], image[17:39, 5:40, 3:60])
     raw = image.nbytes + mask.nbytes
     stored = (d / "image.b2nd").stat().st_size + (d / "mask.b2nd").stat().st_size
@@ -169,7 +169,7 @@ def test_is_complete_detects_damage(tmp_path, damage):
     elif damage == "missing_mask":
         (d / "mask.b2nd").unlink()
     elif damage == "dtype":
-        store._write_b2nd(d / "mask.b2nd", mask.astype(np.int16), store.CODECS["mask"])
+        b2nd.write_b2nd(d / "mask.b2nd", mask.astype(np.int16), b2nd.CODECS["mask"])
     why = store.check_volume_dir(d)
     assert why is not None
     if damage == "dtype":

@@ -450,7 +450,7 @@ def import_released_volumes(images: str | Path, masks: str | Path, out: str | Pa
     import numpy as np
 
     from fvlm.data import store
-    from fvlm.data.preprocess import bounding_box, count_values
+    from fvlm.data.prepare import bounding_box, count_values
 
     images, masks, out = Path(images), Path(masks), Path(out)
     table = load_anatomy_table(anatomy_table)

@@ -54,15 +54,19 @@ import torch
 
 from fvlm.anatomy import AnatomyTable
 from fvlm.config import Config
-from fvlm.data.preprocess import (
+from fvlm.data.dicom import DicomSeries, check_slice_positions, list_dicom_series, read_dicom_series, read_image
+from fvlm.data.prepare import prepare_arrays
+from fvlm.data.store import Geometry, ProcessedVolume
+from fvlm.data.volume import (
+    IDENTITY,
     SourceVolume,
-    from_sitk,
-    lps_reorientation,
-    prepare_arrays,
+    is_oblique,
+    obliquity_degrees,
+    orientation_code,
     read_nifti,
     reorient_lps,
+    resample_axis_aligned,
 )
-from fvlm.data.store import Geometry, ProcessedVolume
 from fvlm.io import atomic_path, atomic_write_text
 from fvlm.zeroshot import (
     CropSpec,
@@ -75,256 +79,18 @@ from fvlm.zeroshot import (
 
 log = logging.getLogger(__name__)
 
-#: an index axis further than this from every patient axis makes a scan oblique (resampled, with a warning)
-OBLIQUE_TOLERANCE_DEG = 1.0
 #: warn when the scan's z extent is less than this fraction of the training crop's depth in mm
 MIN_Z_COVERAGE = 0.5
 #: a CT in HU has air (about -1000) around the body; no voxel below this suggests values that are not HU
 AIR_HU = -500.0
-#: HU given to voxels outside the scan when an oblique scan is resampled (air)
-OUTSIDE_HU = -1024.0
 #: anatomies a complete chest CT images whole: cut by the scan's top or bottom -> a warning
 WHOLE_IN_CHEST_CT = ("lung", "heart")
-IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# LPS axis letters: the direction an index axis points to, positive and negative
-_AXIS_LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))
 # the 6 faces of an LPS (z, y, x) array: (name, axis, index)
 _FACES = (("inferior", 0, 0), ("superior", 0, -1), ("anterior", 1, 0), ("posterior", 1, -1),
           ("right", 2, 0), ("left", 2, -1))
 
 
-# ----------------------------------------------------------------------------------------------- reading
-@dataclass(frozen=True)
-class DicomSeries:
-    """One DICOM series found in a folder tree."""
-
-    uid: str
-    folder: str
-    files: tuple[str, ...]
-    description: str = ""
-    modality: str = ""
-
-
-def _dicom_tag(path: str, tag: str) -> str:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.LoadPrivateTagsOff()
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return ""
-    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
-
-
-def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
-    """Every DICOM series under ``folder`` (searched recursively), most slices first.
-
-    A series whose files are spread over several folders is taken from the folder holding most of them.
-    """
-    import SimpleITK as sitk
-
-    folder = Path(folder)
-    found: dict[str, DicomSeries] = {}
-    for d in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
-        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)):
-            files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), uid))
-            if uid in found:
-                log.warning("DICOM series %s is split over %s and %s: using the folder with more files", uid,
-                            found[uid].folder, d)
-                if len(found[uid].files) >= len(files):
-                    continue
-            found[uid] = DicomSeries(uid, str(d), files)
-    series = []
-    for s in found.values():
-        series.append(DicomSeries(s.uid, s.folder, s.files, _dicom_tag(s.files[0], "0008|103e"),
-                                  _dicom_tag(s.files[0], "0008|0060")))
-    return sorted(series, key=lambda s: (-len(s.files), s.uid))
-
-
-def read_dicom_series(folder: str | Path, series: str | None = None) -> tuple[SourceVolume, dict[str, Any]]:
-    """Read one DICOM series of a folder as HU (SimpleITK applies RescaleSlope/Intercept).
-
-    Args:
-        folder: a folder (searched recursively) holding one or several series.
-        series: SeriesInstanceUID to read; ``None`` = the series with most slices (the choice is logged).
-    Returns:
-        the volume and a description (series UID, slices, description, modality, other series).
-    """
-    import SimpleITK as sitk
-
-    folder = Path(folder)
-    found = list_dicom_series(folder)
-    if not found:
-        raise ValueError(f"{folder}: no DICOM series found (folder of .dcm files expected)")
-    listing = "; ".join(f"{s.uid} ({len(s.files)} slices{', ' + s.description if s.description else ''})"
-                        for s in found)
-    if series:
-        chosen = [s for s in found if s.uid == series]
-        if not chosen:
-            raise ValueError(f"{folder}: no DICOM series {series!r}; found: {listing}")
-        pick = chosen[0]
-    else:
-        pick = found[0]
-        if len(found) > 1 and len(found[1].files) == len(pick.files):
-            raise ValueError(f"{folder}: {len(found)} DICOM series, the largest two with {len(pick.files)} slices "
-                             f"each: which one is the scan cannot be told; choose one with --series UID: {listing}")
-        if len(found) > 1:
-            log.info("%s holds %d DICOM series; using the one with most slices, %s (choose with --series): %s",
-                     folder, len(found), pick.uid, listing)
-    if len(pick.files) < 2:
-        raise ValueError(f"{folder}: DICOM series {pick.uid} has {len(pick.files)} slice: a 3D CT series is needed")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(pick.files))
-    reader.MetaDataDictionaryArrayUpdateOn()
-    try:
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise ValueError(f"{folder}: cannot read DICOM series {pick.uid}: {' '.join(str(e).split())[:300]}") from None
-    vol = from_sitk(image)
-    positions = []
-    for k in range(len(pick.files)):
-        try:
-            positions.append([float(x) for x in reader.GetMetaData(k, "0020|0032").split("\\")])
-        except (RuntimeError, ValueError):
-            positions = []
-            break
-    if positions:
-        check_slice_positions(np.asarray(positions), vol.geometry.matrix[:, 2], f"{folder}: DICOM series {pick.uid}")
-    if vol.array.dtype.kind == "f" and vol.array.dtype != np.float32:
-        vol = SourceVolume(vol.array.astype(np.float32), vol.geometry)
-    info = {"format": "dicom", "path": str(folder), "series_uid": pick.uid, "series_folder": pick.folder,
-            "slices": len(pick.files), "description": pick.description, "modality": pick.modality,
-            "other_series": [{"uid": s.uid, "slices": len(s.files), "description": s.description}
-                             for s in found if s.uid != pick.uid]}
-    return vol, info
-
-
-#: slice distances up to this factor of the median distance are one slice step; larger ones are gaps
-SLICE_GAP_FACTOR = 1.5
-
-
-def check_slice_positions(positions: np.ndarray, normal: np.ndarray, what: str) -> None:
-    """Refuse a series whose slices are not evenly spaced: a gap (missing slice), a repeated position.
-
-    The rule: distances between consecutive slice positions (ImagePositionPatient projected on the slice
-    normal) must agree within a factor :data:`SLICE_GAP_FACTOR` of their median. A series with a missing
-    slice is refused with an error naming the gap, never resampled: an interpolated slice would be invented
-    anatomy, and SimpleITK would silently stretch the whole volume to an average spacing. Re-export the
-    complete series. Smaller irregularities (up to the factor) are logged as a warning.
-    """
-    z = np.sort(np.asarray(positions, dtype=np.float64) @ np.asarray(normal, dtype=np.float64))
-    if len(z) < 2:
-        return
-    d = np.diff(z)
-    step = float(np.median(d))
-    if step <= 1e-6 or np.any(d <= 1e-6 * max(1.0, step)):
-        k = int(np.argmin(d))
-        raise ValueError(f"{what}: two slices at the same position ({z[k]:.2f} mm along the slice normal): "
-                         f"duplicate or mixed series; choose one with --series or clean the folder")
-    gaps = np.flatnonzero(d > SLICE_GAP_FACTOR * step)
-    if gaps.size:
-        missing = int(sum(round(d[g] / step) - 1 for g in gaps))
-        where = "; ".join(f"{z[g]:.2f} -> {z[g + 1]:.2f} mm" for g in gaps[:3])
-        raise ValueError(f"{what}: {max(1, missing)} slice(s) missing ({where}; {step:.3g} mm between the other "
-                         f"{len(z)} slices): series with missing slices are refused, not resampled (an interpolated "
-                         f"slice would be invented anatomy); re-export the complete series")
-    if np.ptp(d) > 0.01 * step + 1e-3:
-        log.warning("%s: slice distances vary from %.3g to %.3g mm (median %.3g mm): the median is used", what,
-                    float(d.min()), float(d.max()), step)
-
-
-def read_image(path: str | Path, series: str | None = None, what: str = "scan") -> tuple[SourceVolume, dict[str, Any]]:
-    """A scan or label map: NIfTI (CRC-checked reader), a DICOM series folder, or any 3D SimpleITK format."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {path} not found")
-    if path.is_dir():
-        return read_dicom_series(path, series)
-    if path.name.lower().endswith(_NIFTI_SUFFIXES):
-        return read_nifti(path), {"format": "nifti", "path": str(path)}
-    import SimpleITK as sitk
-
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise ValueError(f"{what} {path}: not a readable image ({' '.join(str(e).split())[:200]})") from None
-    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
-        raise ValueError(f"{what} {path}: size {image.GetSize()} is not a 3D volume (for DICOM, give the folder of "
-                         f"the series, not one file)")
-    return from_sitk(image), {"format": path.name.split(".", 1)[-1].lower(), "path": str(path)}
-
-
 # ----------------------------------------------------------------------------------------------- geometry
-def orientation_code(direction: Any) -> str:
-    """Letters of the patient directions the index axes (x, y, z) point to, e.g. ``LPS`` (SimpleITK identity),
-    ``RAS``, ``LPI``; oblique axes get the letter of their nearest patient axis."""
-    m = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    letters = []
-    for a in range(3):
-        p = int(np.argmax(np.abs(m[:, a])))
-        letters.append(_AXIS_LETTERS[p][0 if m[p, a] > 0 else 1])
-    return "".join(letters)
-
-
-def obliquity_degrees(direction: Any) -> float:
-    """Largest angle (degrees) between an index axis and its nearest patient axis (0 for axis-aligned)."""
-    m = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    m = m / np.linalg.norm(m, axis=0, keepdims=True)
-    cos = np.clip(np.max(np.abs(m), axis=0), -1.0, 1.0)
-    return float(np.degrees(np.arccos(cos.min())))
-
-
-def is_oblique(direction: Any, tolerance_deg: float = OBLIQUE_TOLERANCE_DEG) -> bool:
-    """Oblique beyond ``tolerance_deg``, or sheared (index axes not orthogonal, e.g. gantry tilt)."""
-    m = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    m = m / np.linalg.norm(m, axis=0, keepdims=True)
-    sheared = not np.allclose(m.T @ m, np.eye(3), atol=1e-3)
-    return sheared or obliquity_degrees(m) > tolerance_deg
-
-
-def _to_sitk(vol: SourceVolume) -> Any:
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(vol.array))
-    img.SetSpacing([float(s) for s in vol.geometry.spacing])
-    img.SetOrigin([float(o) for o in vol.geometry.origin])
-    img.SetDirection([float(d) for d in vol.geometry.direction])
-    return img
-
-
-def resample_axis_aligned(image: SourceVolume, label: SourceVolume) -> tuple[SourceVolume, SourceVolume]:
-    """Resample an oblique scan (linear) and its label map (nearest) onto an axis-aligned LPS grid.
-
-    The grid covers the scan's whole physical extent; each LPS axis keeps the voxel size of the index axis
-    nearest to it. Voxels outside the scan get :data:`OUTSIDE_HU` (air) and label 0.
-    """
-    import SimpleITK as sitk
-
-    g = image.geometry
-    source, _ = lps_reorientation(g)
-    spacing = np.array([g.spacing[source[p]] for p in range(3)], dtype=np.float64)
-    n = np.array(image.shape_xyz, dtype=np.float64)
-    # physical extent of the voxel boxes (corners at -0.5 and n - 0.5 in index space)
-    corners = np.array([[i, j, k] for i in (-0.5, n[0] - 0.5) for j in (-0.5, n[1] - 0.5) for k in (-0.5, n[2] - 0.5)])
-    world = np.asarray(g.origin) + (corners * np.asarray(g.spacing)) @ g.matrix.T
-    lo, hi = world.min(axis=0), world.max(axis=0)
-    size = np.maximum(1, np.ceil((hi - lo) / spacing - 1e-6)).astype(int)
-    origin = lo + spacing / 2
-    ref = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
-    ref.SetSpacing([float(s) for s in spacing])
-    ref.SetOrigin([float(o) for o in origin])
-    ref.SetDirection(IDENTITY)
-    identity = sitk.Transform()
-    img = sitk.Resample(sitk.Cast(_to_sitk(image), sitk.sitkFloat32), ref, identity, sitk.sitkLinear, OUTSIDE_HU,
-                        sitk.sitkFloat32)
-    lab = sitk.Resample(_to_sitk(SourceVolume(_label_uint8(label.array), label.geometry)), ref,
-                        identity, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return from_sitk(img), from_sitk(lab)
-
-
 def _border_anatomies(label: SourceVolume, table: AnatomyTable) -> dict[str, list[str]]:
     """{anatomy: [faces of the scan it touches]} for anatomies cut by the scan's border (LPS face names)."""
     lab = reorient_lps(label).array
@@ -686,7 +452,8 @@ def segment_scan(image: SourceVolume, scan: str | Path, info: dict[str, Any], ta
                  save_mask: str | Path | None = None) -> SourceVolume:
     """TotalSegmentator v2 label map of a scan (``roi_subset`` = the table's classes), or a ``FileNotFoundError``
     that explains how to pass ``--mask`` when TotalSegmentator is not available."""
-    from fvlm.segment import find_totalsegmentator, roi_subset, write_nifti
+    from fvlm.data.volume import write_nifti
+    from fvlm.segment import find_totalsegmentator, roi_subset
 
     try:
         runner = find_totalsegmentator(totalseg_cmd or None, roi_subset(table), fast=fast, device=device)

@@ -28,9 +28,7 @@ failures CSV, the other volumes go on, and the exit code is 1.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
 import logging
 import os
 import re
@@ -39,15 +37,20 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
-from fvlm.data import ctrate
-from fvlm.io import atomic_path, atomic_write_text
+from fvlm.data.joblist import RejectedRow, VolumeJob, ctrate_jobs, pairs_jobs, parse_reconstructions, parse_shard
+from fvlm.data.jobs import BatchSummary, JobError, VolumeResult, init_worker, run_command, run_jobs, write_failures
+from fvlm.data.labelmap import align_label, class_ids, grid_mapping
+from fvlm.data.v1fix import fix_version, require_metadata, rescale
+from fvlm.data.volume import SourceVolume, check_finite, read_header, read_nifti, write_nifti
+from fvlm.io import atomic_path
 from fvlm.totalseg import CLASS_NAMES, MAX_CLASS_ID
 
 log = logging.getLogger(__name__)
@@ -100,8 +103,6 @@ class TotalSegmentator:
         if self.in_process:
             self._run_api(image, output)
             return
-        from fvlm.data.jobs import run_command
-
         cmd = [*self.command, *totalseg_arguments(image, output, self.roi, self.fast, self.device, self.task)]
         log.debug("running %s", " ".join(cmd))
         # its own process group, killed whole (grandchildren too) on timeout, on return and when fvlm dies
@@ -116,6 +117,7 @@ class TotalSegmentator:
             raise RuntimeError(f"TotalSegmentator exited with code {proc.returncode}: {tail or '(no output)'}")
 
     def _run_api(self, image: Path, output: Path) -> None:
+        # optional dependency (fvlm[segment]), imported only when this way of running it was chosen
         from totalsegmentator.python_api import totalsegmentator
 
         kwargs: dict[str, Any] = {"ml": True, "fast": self.fast, "task": self.task, "quiet": True,
@@ -141,7 +143,7 @@ def find_totalsegmentator(command: str | None, roi: Sequence[str], fast: bool = 
         if not os.access(exe, os.X_OK):
             raise FileNotFoundError(f"--totalseg-cmd {exe}: not executable (chmod +x?)")
         return TotalSegmentator((str(exe),), tuple(roi), fast, device, task, timeout)
-    try:
+    try:  # is the optional dependency (fvlm[segment]) installed here?
         import totalsegmentator.python_api  # noqa: F401
         return TotalSegmentator((), tuple(roi), fast, device, task, timeout)
     except ImportError:
@@ -155,138 +157,82 @@ def find_totalsegmentator(command: str | None, roi: Sequence[str], fast: bool = 
 
 # ----------------------------------------------------------------------------------------------- jobs
 @dataclass
-class SegmentJob:
-    """One volume to segment (picklable)."""
-
-    split: str
-    volume: str
-    image: str
-    output: str
-    version: str = "auto"  # auto | v1 | v2 (CT-RATE); hu (pairs: HU with a correct header)
-    metadata: ctrate.VolumeMetadata | None = None
+class SegmentResult(VolumeResult):
+    classes_found: int = 0  # distinct classes in the map written
 
 
 @dataclass
-class SegmentResult:
-    split: str
-    volume: str
-    status: str  # ok | skipped | failed
-    error: str = ""
-    seconds: float = 0.0
-    version: str = ""
-    classes_found: int = 0
+class SegmentSummary(BatchSummary):
+    """The per-volume results of one ``fvlm segment`` run; ``failures_csv``: where the failures were listed
+    (``None`` when nothing was written: no failure and no earlier list)."""
 
+    failures_csv: Path | None = None
+    roi: list[str] = field(default_factory=list)
 
-@dataclass
-class SegmentSummary:
-    results: list[SegmentResult] = field(default_factory=list)
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.results)
-
-    @property
-    def failed(self) -> list[SegmentResult]:
-        return [r for r in self.results if r.status == "failed"]
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "segmented": self.n_ok, "skipped": self.n_skipped, "failed": self.n_failed,
+                "failures_csv": str(self.failures_csv) if self.failures_csv else None, "roi": self.roi,
+                "results": [asdict(r) for r in self.results]}
 
 
 def ctrate_segment_jobs(root: str | Path, split: str, version: str = "auto", reconstructions: int | None = None,
-                        exclude_no_chest: bool = True) -> list[SegmentJob]:
-    """Jobs for the volumes of a CT-RATE root's split on disk; outputs go to ``dataset/{split}_mask/``."""
-    from fvlm.data.preprocess import ctrate_jobs
-
-    # the same selection as fvlm preprocess (no_chest list honoured there, unless asked otherwise)
-    jobs = ctrate_jobs(root, [split], version=version, reconstructions=reconstructions,
+                        exclude_no_chest: bool = True) -> list[VolumeJob]:
+    """Jobs for the volumes of a CT-RATE root's split on disk; each map goes to ``job.label``
+    (``dataset/{split}_mask/``): the same selection as fvlm preprocess (no_chest list honoured there, unless
+    asked otherwise)."""
+    return ctrate_jobs(root, [split], version=version, reconstructions=reconstructions,
                        exclude_no_chest=exclude_no_chest)
-    return [SegmentJob(j.split, j.volume, j.image, j.label, j.version, j.metadata) for j in jobs]
 
 
 def pairs_segment_jobs(csv_path: str | Path, default_split: str = "valid",
-                       rejected: list[Any] | None = None) -> list[SegmentJob]:
+                       rejected: list[RejectedRow] | None = None) -> list[VolumeJob]:
     """Jobs from a ``volume,image,label[,split]`` CSV (the ``fvlm preprocess --pairs`` format): each image (HU,
     correct header) is segmented into its ``label`` path. Rows whose volume or split is not a safe name are
-    refused as in :func:`fvlm.data.preprocess.pairs_jobs` (appended to ``rejected`` when it is a list)."""
-    from fvlm.data.preprocess import pairs_jobs
-
+    refused as in :func:`fvlm.data.joblist.pairs_jobs` (appended to ``rejected`` when it is a list)."""
     jobs = []
     for j in pairs_jobs(csv_path, default_split, rejected=rejected):
         if Path(j.label).resolve() == Path(j.image).resolve():  # the map would overwrite the scan
             msg = f"{csv_path}: volume {j.volume!r}: label path {j.label} is the image itself; refusing to overwrite it"
             if rejected is None:
                 raise ValueError(msg)
-            from fvlm.data.preprocess import RejectedRow
-
             rejected.append(RejectedRow(str(csv_path), 0, j.split, j.volume, msg))
             continue
-        jobs.append(SegmentJob(j.split, j.volume, j.image, j.label, "hu"))
+        jobs.append(j)
     return jobs
 
 
 # ----------------------------------------------------------------------------------------------- one volume
-def load_fixed(job: SegmentJob) -> tuple[Any, str]:
+def load_fixed(job: VolumeJob) -> tuple[SourceVolume, str]:
     """The volume as TotalSegmentator must see it: HU with the true geometry.
 
-    Returns (:class:`fvlm.data.preprocess.SourceVolume` with int16 HU or the stored values of an HU input,
-    version). v1 volumes get the released fix (metadata geometry, ``stored * slope + intercept``).
+    Returns (:class:`~fvlm.data.volume.SourceVolume` with int16 HU or the stored values of an HU input,
+    version). v1 volumes get the released fix (:func:`fvlm.data.v1fix.fix_version`: metadata geometry,
+    ``stored * slope + intercept``).
     """
-    from fvlm.data.preprocess import SourceVolume, check_finite, read_nifti
-
-    if job.version in ("auto", "v1") and job.metadata is None:
-        raise ValueError("missing from the metadata CSV: cannot fix or check its version")
-    if job.metadata is not None and job.metadata.conflict:
-        raise ValueError(f"{job.volume} is {job.metadata.conflict}")
+    require_metadata(job.metadata, job.version, job.volume, job.metadata_file)
     vol = read_nifti(job.image)
     check_finite(vol.array)
-    if job.version == "hu":
-        return vol, "hu"
-    decision = ctrate.detect_version(vol.geometry, ctrate.value_statistics(vol.array), job.metadata, job.version)
-    if decision.version == "v2":
-        return vol, "v2"
-    md = job.metadata
-    assert md is not None
-    if md.slope is None or md.intercept is None:
-        raise ValueError(f"metadata of {job.volume} has empty RescaleSlope/RescaleIntercept: cannot fix the v1 values")
-    return SourceVolume(ctrate.rescale(vol.array, md.slope, md.intercept), md.fix_geometry()), "v1"
+    fixed = fix_version(vol, job.metadata, job.version, job.volume, job.metadata_file)
+    if fixed.version != "v1":
+        return fixed.volume, fixed.version
+    return SourceVolume(rescale(vol.array, fixed.slope, fixed.intercept), fixed.volume.geometry), "v1"
 
 
-def write_nifti(path: str | Path, array_zyx: np.ndarray, geometry: Any) -> None:
-    """Write a ``(z, y, x)`` array with an LPS :class:`~fvlm.data.store.Geometry` as NIfTI (SimpleITK)."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
-    img.SetSpacing([float(s) for s in geometry.spacing])
-    img.SetOrigin([float(o) for o in geometry.origin])
-    img.SetDirection([float(d) for d in geometry.direction])
-    sitk.WriteImage(img, str(path))
-
-
-def check_label_map(path: str | Path, image: Any) -> int:
+def check_label_map(path: str | Path, image: SourceVolume) -> int:
     """``ValueError`` unless ``path`` is a readable integer label map on ``image``'s grid with ids 0..117;
     returns the number of distinct classes in it."""
-    from fvlm.data.labelmap import align_label
-    from fvlm.data.preprocess import read_nifti
-
     # the same grid in another axis order/direction is accepted (every reader of label maps reorders it)
-    lab = align_label(image, read_nifti(path), label_name=f"label map {path}")
-    a = lab.array
-    if a.dtype.kind == "f" and (not np.all(np.isfinite(a)) or np.any(a != np.round(a))):
-        raise ValueError(f"{path}: label map holds non-integer values")
-    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
-    if lo < 0 or hi > MAX_CLASS_ID:
-        raise ValueError(f"{path}: class ids outside 0..{MAX_CLASS_ID} ({lo}..{hi}): not a TotalSegmentator v2 "
-                         f"'total' map")
+    a = class_ids(align_label(image, read_nifti(path), label_name=f"label map {path}").array, f"label map {path}")
     counts = np.zeros(MAX_CLASS_ID + 1, dtype=np.int64)
     for k in range(a.shape[0]):  # slice by slice: a whole-volume int64 copy of a 512 x 512 x 600 map is 1.2 GB
         counts += np.bincount(a[k].astype(np.intp, copy=False).ravel(), minlength=MAX_CLASS_ID + 1)
     return int(np.count_nonzero(counts[1:]))
 
 
-def output_is_complete(job: SegmentJob, verify: str = "header") -> bool:
-    """Whether ``job.output`` holds a finished map for this volume: header shape equal to the source's and its
+def output_is_complete(job: VolumeJob, verify: str = "header") -> bool:
+    """Whether ``job.label`` holds a finished map for this volume: header shape equal to the source's and its
     geometry equal to the source header's (v2/HU) or the metadata's (v1); ``verify="full"`` inflates the map too."""
-    from fvlm.data.check import read_header
-    from fvlm.data.labelmap import grid_mapping
-
-    out = Path(job.output)
+    out = Path(job.label)
     if not out.exists():
         return False
     try:
@@ -310,8 +256,6 @@ def output_is_complete(job: SegmentJob, verify: str = "header") -> bool:
         if not ok:
             return False
         if verify == "full":
-            from fvlm.data.preprocess import read_nifti
-
             read_nifti(out)
         return True
     except (ValueError, OSError):
@@ -352,15 +296,15 @@ def clean_tmp(tmp_dir: str | Path | None, volumes: set[str]) -> int:
     return n
 
 
-def segment_volume(job: SegmentJob, runner: TotalSegmentator, tmp_dir: str | Path | None = None) -> SegmentResult:
-    """Segment one volume into ``job.output`` (atomic); never raises for a problem of the volume.
+def segment_volume(job: VolumeJob, runner: TotalSegmentator, tmp_dir: str | Path | None = None) -> SegmentResult:
+    """Segment one volume into ``job.label`` (atomic); never raises for a problem of the volume.
 
     A v1 volume's fixed copy is written under ``tmp_dir/.fvlm-segment-tmp/{volume}.{random}/`` (the system
     temp folder when ``tmp_dir`` is None) and removed afterwards.
     """
     t0 = time.perf_counter()
     version = ""
-    output = Path(job.output)
+    output = Path(job.label)
     try:
         _remove_stale_temporaries(output)
         image, version = load_fixed(job)
@@ -394,17 +338,11 @@ def segment_volume(job: SegmentJob, runner: TotalSegmentator, tmp_dir: str | Pat
                              seconds=time.perf_counter() - t0, version=version)
 
 
-def _init_worker() -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
 # ----------------------------------------------------------------------------------------------- the batch
-def run_segment(jobs: Sequence[SegmentJob], runner: TotalSegmentator, workers: int = 1,
+def run_segment(jobs: Sequence[VolumeJob], runner: TotalSegmentator, workers: int = 1,
                 shard: tuple[int, int] = (0, 1), limit: int = 0, verify: str = "header",
                 tmp_dir: str | None = None) -> SegmentSummary:
     """Segment ``jobs`` (after ``limit``, then ``shard``); complete outputs are skipped."""
-    from tqdm import tqdm
-
     jobs = list(jobs)
     if limit > 0:
         jobs = jobs[:limit]
@@ -432,10 +370,8 @@ def run_segment(jobs: Sequence[SegmentJob], runner: TotalSegmentator, workers: i
             if runner.in_process:
                 # the Python API runs torch in this process: one process per worker (spawn: CUDA-safe); a dead
                 # worker (out of memory) fails only its volume
-                from fvlm.data.jobs import JobError, run_jobs
-
                 for k, r in run_jobs(segment_volume, [(j, runner, tmp_dir) for j in todo], workers, context="spawn",
-                                     initializer=_init_worker):
+                                     initializer=init_worker):
                     if isinstance(r, JobError):
                         r = SegmentResult(todo[k].split, todo[k].volume, "failed", error=r.error)
                     summary.results.append(r)
@@ -457,57 +393,57 @@ def run_segment(jobs: Sequence[SegmentJob], runner: TotalSegmentator, workers: i
     return summary
 
 
-def write_failures(path: str | Path, summary: SegmentSummary) -> None:
-    """``split,volume,error`` for every failed volume of this run (atomic; an empty file when none failed)."""
-    import io
+def segment(data: str | Path | None = None, *, split: str | None = None, pairs: str | Path | None = None,
+            anatomy_table: str = "released", totalseg_cmd: str = "", fast: bool = False, device: str | None = None,
+            task: str = "total", timeout: float = 0.0, workers: int = 1, shard: tuple[int, int] | str = (0, 1),
+            version: str = "auto", reconstructions: int | str | None = "all", include_no_chest: bool = False,
+            limit: int = 0, verify: str = "header", tmp_dir: str | Path | None = None,
+            failures: str | Path | None = None) -> SegmentSummary:
+    """``fvlm segment``: TotalSegmentator label maps for a CT-RATE root's ``split`` (``data``; maps go to
+    ``dataset/{split}_mask/``) or the rows of a ``pairs`` CSV (maps go to each row's label path).
 
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["split", "volume", "error"])
-    for r in summary.failed:
-        w.writerow([r.split, r.volume, r.error])
-    atomic_write_text(path, buf.getvalue())
-
-
-def run_segment_cli(args: argparse.Namespace) -> int:
-    """``fvlm segment``: 0 when every volume of this run has a map, 1 when some failed."""
-    from fvlm.data.preprocess import parse_reconstructions, parse_shard
-
-    if bool(args.data) == bool(args.pairs):
+    Failures (and input rows refused for their names) are listed in ``failures`` (default:
+    ``dataset/{split}_mask/segment_failures.csv``, or ``{pairs stem}_segment_failures.csv`` next to the CSV;
+    ``.shard{i}of{N}`` inserted for a shard), rewritten whenever it exists. ``tmp_dir``: where fixed v1 copies
+    go (default: next to the failures CSV). The other arguments are ``fvlm segment``'s flags.
+    ``ValueError`` / ``FileNotFoundError`` for unusable arguments or inputs, before anything is run.
+    """
+    if bool(data) == bool(pairs):
         raise ValueError("give exactly one of --data (CT-RATE root, with --split) or --pairs (volume,image,label CSV)")
-    if args.data and not args.split:
+    if data and not split:
         raise ValueError("--data needs --split (train or valid)")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    if args.verify not in ("header", "full"):
-        raise ValueError(f"--verify must be header or full, got {args.verify!r}")
-    shard = parse_shard(args.shard)
-    table = load_anatomy_table(args.anatomy_table)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if verify not in ("header", "full"):
+        raise ValueError(f"--verify must be header or full, got {verify!r}")
+    shard = parse_shard(shard) if isinstance(shard, str) else shard
+    table = load_anatomy_table(anatomy_table)
     roi = roi_subset(table)
-    runner = find_totalsegmentator(args.totalseg_cmd, roi, fast=args.fast, device=args.device, task=args.task,
-                                   timeout=args.timeout)
-    if args.data:
-        jobs = ctrate_segment_jobs(args.data, args.split, version=args.version,
-                                   reconstructions=parse_reconstructions(args.reconstructions),
-                                   exclude_no_chest=not args.include_no_chest)
-        default_failures = Path(args.data) / "dataset" / f"{args.split}_mask" / "segment_failures.csv"
-    rejected: list[Any] = []
-    if not args.data:
-        jobs = pairs_segment_jobs(args.pairs, default_split=args.split or "valid", rejected=rejected)
-        default_failures = Path(args.pairs).with_name(Path(args.pairs).stem + "_segment_failures.csv")
+    runner = find_totalsegmentator(totalseg_cmd or None, roi, fast=fast, device=device, task=task, timeout=timeout)
+    rejected: list[RejectedRow] = []
+    if data:
+        assert split is not None
+        jobs = ctrate_segment_jobs(data, split, version=version, reconstructions=parse_reconstructions(reconstructions),
+                                   exclude_no_chest=not include_no_chest)
+        default_failures = Path(data) / "dataset" / f"{split}_mask" / "segment_failures.csv"
+    else:
+        jobs = pairs_segment_jobs(pairs, default_split=split or "valid", rejected=rejected)  # type: ignore[arg-type]
+        default_failures = Path(pairs).with_name(Path(pairs).stem + "_segment_failures.csv")  # type: ignore[arg-type]
     if not jobs and not rejected:
-        raise FileNotFoundError(f"no volumes found in {args.data or args.pairs}")
+        raise FileNotFoundError(f"no volumes found in {data or pairs}")
     log.info("anatomy table %r: roi_subset of %d classes: %s", table.name, len(roi), " ".join(roi))
-    summary = run_segment(jobs, runner, workers=args.workers, shard=shard, limit=args.limit, verify=args.verify,
-                          tmp_dir=args.tmp_dir or default_tmp_dir(default_failures))
+    summary = run_segment(jobs, runner, workers=workers, shard=shard, limit=limit, verify=verify,
+                          tmp_dir=str(tmp_dir) if tmp_dir else str(default_tmp_dir(default_failures)))
+    summary.roi = roi
     for r in rejected:  # rows refused for their names: nothing was run or written for them
         log.error("%s line %d refused: %s", r.source, r.line, r.error)
         summary.results.append(SegmentResult(r.split, r.volume, "failed", error=r.error))
-    failures = Path(args.failures) if args.failures else default_failures
-    if shard[1] > 1 and not args.failures:
-        failures = failures.with_name(f"{failures.stem}.shard{shard[0]}of{shard[1]}.csv")
-    if summary.failed or failures.exists():
-        write_failures(failures, summary)
+    path = Path(failures) if failures else default_failures
+    if shard[1] > 1 and not failures:
+        path = path.with_name(f"{path.stem}.shard{shard[0]}of{shard[1]}.csv")
+    if summary.failed or path.exists():
+        write_failures(path, [(r.split, r.volume, r.error) for r in summary.failed])
+        summary.failures_csv = path
         if summary.failed:
-            log.error("%d volume(s) failed; listed in %s", len(summary.failed), failures)
-    return 1 if summary.failed else 0
+            log.error("%d volume(s) failed; listed in %s", len(summary.failed), path)
+    return summary

@@ -31,7 +31,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,42 +41,13 @@ from fvlm.data import ctrate
 from fvlm.data.check_report import DataCheck, SplitCheck, log_summary
 from fvlm.data.check_report import examples as _ex
 from fvlm.data.ctrate import no_chest_path, read_volume_list
-from fvlm.data.preprocess import check_finite, read_nifti
+from fvlm.data.volume import HeaderInfo, check_finite, read_header, read_nifti
 
 log = logging.getLogger(__name__)
 
 #: metadata columns the v1 fix needs (a v2 volume needs none of them)
 FIX_COLUMNS = ("XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient", "RescaleSlope",
                "RescaleIntercept")
-
-
-# ----------------------------------------------------------------------------------------------- small readers
-
-
-@dataclass(frozen=True)
-class HeaderInfo:
-    """What a NIfTI header says, without reading the voxel data."""
-
-    shape_xyz: tuple[int, ...]
-    geometry: Any  # fvlm.data.store.Geometry (LPS)
-    dtype: str
-
-
-def read_header(path: str | Path) -> HeaderInfo:
-    """Header of a .nii / .nii.gz (nibabel reads only the header bytes); ``ValueError`` if it is not one."""
-    import nibabel as nib
-
-    from fvlm.data.preprocess import geometry_from_affine
-
-    try:
-        img = nib.load(str(path))
-        hdr = img.header
-        shape = tuple(int(s) for s in hdr.get_data_shape())
-        return HeaderInfo(shape, geometry_from_affine(hdr.get_best_affine()), str(hdr.get_data_dtype()))
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # nibabel raises assorted types (ImageFileError, EOFError, zlib errors) on bad files
-        raise ValueError(f"{path}: unreadable NIfTI header ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------------------------- per volume

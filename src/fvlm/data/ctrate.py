@@ -1,4 +1,8 @@
-"""CT-RATE as a user meets it: volume names, paths, metadata/report/label CSVs, the v1 fix and v1/v2 detection.
+"""CT-RATE as a user meets it: volume names, paths, the metadata CSV, volume lists (``no_chest_{split}.txt``).
+
+The report and label CSVs are read in :mod:`fvlm.data.ctrate_reports`, the v1 fix and v1/v2 detection live in
+:mod:`fvlm.data.v1fix` (re-exported here for existing callers), the choice of reconstructions per scan in
+:mod:`fvlm.data.joblist`.
 
 Names: ``valid_53_a_1`` = split ``valid``, patient 53, scan ``a``, reconstruction 1; its scan id is
 ``valid_53_a`` (the key of the anatomy texts). Layout under a CT-RATE root::
@@ -12,9 +16,9 @@ Names: ``valid_53_a_1`` = split ``valid``, patient 53, scan ``a``, reconstructio
     anatomy_texts/{desc,conc}_info.json
 
 v1 volumes store raw values under a default header (identity affine); their true geometry and rescale
-are only in the metadata CSV (:meth:`VolumeMetadata.fix_geometry`, :func:`rescale`). v2 volumes are HU
-with a correct header. :func:`detect_version` decides per volume from header and value evidence, so a
-volume is never rescaled twice.
+are only in the metadata CSV (:meth:`VolumeMetadata.fix_geometry`, :func:`~fvlm.data.v1fix.rescale`). v2 volumes
+are HU with a correct header. :func:`~fvlm.data.v1fix.detect_version` decides per volume from header and value
+evidence, so a volume is never rescaled twice.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,9 @@ from typing import Any
 import numpy as np
 
 from fvlm.data.store import Geometry
-from fvlm.labels import CT_RATE_LABELS
+
+# the v1/v2 decision under the names fvlm.data.check calls (ctrate.detect_version, ctrate.value_statistics)
+from fvlm.data.v1fix import VersionDecision, detect_version, rescale, value_statistics  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -433,198 +439,7 @@ def read_metadata(path: str | Path, duplicates: list[dict[str, Any]] | None = No
     return out
 
 
-# ----------------------------------------------------------------------------------------------- reports, labels
-REPORT_COLUMNS = ("ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
-
-
-@dataclass(frozen=True)
-class Report:
-    """The four English sections of a report; "Not given." and missing sections are empty strings."""
-
-    clinical_information: str = ""
-    technique: str = ""
-    findings: str = ""
-    impressions: str = ""
-
-
-def _section(text: Any) -> str:
-    s = _clean(text) or ""
-    return "" if s.rstrip(".").strip().lower() == "not given" else s
-
-
-def read_reports(path: str | Path) -> dict[str, Report]:
-    """A CT-RATE reports CSV -> {volume name: Report}."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"reports CSV {path} not found")
-    out: dict[str, Report] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "VolumeName" not in reader.fieldnames:
-                raise ValueError(f"reports CSV {path}: no VolumeName column (is this a CT-RATE reports CSV?)")
-            for row in reader:
-                name = _clean(row.get("VolumeName"))
-                if name is None:
-                    continue
-                report = Report(*(_section(row.get(c)) for c in REPORT_COLUMNS))
-                key = strip_extension(name)
-                if key in out and not (report.findings or report.impressions) and (
-                        out[key].findings or out[key].impressions):
-                    continue  # an empty duplicate row never replaces a report
-                out[key] = report
-    except UnicodeDecodeError as e:
-        raise ValueError(f"reports CSV {path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-    except csv.Error as e:
-        raise ValueError(f"reports CSV {path}: not a readable CSV ({e})") from None
-    return out
-
-
-def read_labels(path: str | Path) -> dict[str, np.ndarray]:
-    """A CT-RATE labels CSV -> {volume name: int8 (18,) in :data:`fvlm.labels.CT_RATE_LABELS` order}.
-
-    ``ValueError`` names the file and line for a missing column or a value other than 0/1.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"labels CSV {path} not found")
-    out = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        missing = [c for c in ("VolumeName", *CT_RATE_LABELS) if c not in cols]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}")
-        for i, row in enumerate(reader, start=2):
-            vals = []
-            for c in CT_RATE_LABELS:
-                cell = (row.get(c) or "").strip()
-                try:
-                    v = float(cell)
-                except ValueError:
-                    v = math.nan
-                if v not in (0.0, 1.0):
-                    raise ValueError(f"{path} line {i}: label {c!r} of {row.get('VolumeName')} is {cell!r}: labels "
-                                     f"must be 0 or 1")
-                vals.append(int(v))
-            out[strip_extension(row["VolumeName"])] = np.asarray(vals, dtype=np.int8)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- v1 fix, v1/v2
-def rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """Stored values -> HU = stored * slope + intercept, rounded and clipped to int16 (the v1 fix)."""
-    hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    np.rint(hu, out=hu)
-    return np.clip(hu, -32768, 32767, out=hu).astype(np.int16)
-
-
-@dataclass(frozen=True)
-class VersionDecision:
-    """Whether a volume is v1 (raw, needs the fix) or v2 (HU, correct header), and why."""
-
-    version: str  # "v1" or "v2"
-    reason: str  # "forced" or "auto"
-    evidence: dict[str, Any]
-
-
-def value_statistics(stored: np.ndarray, max_samples: int = 1_000_000) -> dict[str, float]:
-    """Cheap statistics of a (D, H, W) array on a strided subsample: minimum and the 1st percentile of the
-    voxels above the minimum (the minimum is usually the constant outside the scanner's field of view)."""
-    step = max(1, int(math.ceil((stored.size / max_samples) ** (1 / 3))))
-    sample = np.asarray(stored[::step, ::step, ::step])
-    lo = float(sample.min())
-    above = sample[sample > lo]
-    p1 = float(np.percentile(above, 1)) if above.size else lo
-    return {"min": lo, "p1_above_min": p1, "sample_step": step}
-
-
-def detect_version(header: Geometry, stats: Mapping[str, float], meta: VolumeMetadata | None,
-                   forced: str = "auto") -> VersionDecision:
-    """Decide v1 vs v2 for one volume from two independent kinds of evidence.
-
-    - header: a v1 header has the default 1 mm spacing where the metadata says otherwise; a v2 header
-      carries the metadata spacing.
-    - values: HU data hold air (1st percentile above the padding value < -500); raw v1 data do not
-      (air is stored near ``-intercept - 1000`` >= 0, e.g. 24 for intercept -1024 or 7192 for -8192).
-
-    ``forced`` ("v1"/"v2") skips detection. Raises ``ValueError`` when the evidence conflicts or is
-    inconclusive, so a volume is never silently rescaled twice (or not at all): pass ``--version``.
-    """
-    evidence: dict[str, Any] = {"header_spacing": [round(s, 6) for s in header.spacing],
-                                "header_origin": [round(o, 4) for o in header.origin], **stats}
-    if forced in ("v1", "v2"):
-        return VersionDecision(forced, "forced", evidence)
-    if forced != "auto":
-        raise ValueError(f"version must be auto, v1 or v2, got {forced!r}")
-    header_says = None
-    meta_spacing = meta.spacing if meta is not None else None
-    if meta_spacing is not None:
-        evidence["metadata_spacing"] = list(meta_spacing)
-        # the default header has 1 mm voxels (its origin depends on the writer: 0, or the volume centre when
-        # neither sform nor qform is set), so only the spacing is compared
-        identity = np.allclose(header.spacing, 1.0, atol=1e-4)
-        matches = np.allclose(header.spacing, meta_spacing, rtol=1e-3, atol=1e-4)
-        if matches and not identity:
-            header_says = "v2"
-        elif identity and not matches:
-            header_says = "v1"
-    p1 = stats["p1_above_min"]
-    values_say = "v2" if p1 < -500 else "v1" if p1 > -200 else None
-    evidence["header_says"], evidence["values_say"] = header_says, values_say
-    if header_says and values_say and header_says != values_say:
-        raise ValueError(f"conflicting v1/v2 evidence: header {header_says} (spacing {evidence['header_spacing']}, "
-                         f"metadata {evidence.get('metadata_spacing')}), values {values_say} (1st percentile "
-                         f"{p1:g}); pass --version v1 or v2")
-    version = header_says or values_say
-    if version is None:
-        raise ValueError(f"cannot tell v1 from v2 (header spacing {evidence['header_spacing']}, metadata "
-                         f"{evidence.get('metadata_spacing')}, 1st percentile {p1:g}); pass --version v1 or v2")
-    return VersionDecision(version, "auto", evidence)
-
-
-# ----------------------------------------------------------------------------------------------- reconstructions
-_LUNG_WORDS = ("lung", "hrct", "parankim", "parenchym", "pulmo")
-_THORAX_WORDS = ("thorax", "toraks", "chest", "torax")
-_LUNG_KERNEL = re.compile(r"^(l|lung.*|y[a-d]|bl\d+.*|br[5-9]\d.*|b[6-9]\d.*|i[5-9]\d.*)$", re.IGNORECASE)
-
-
-def reconstruction_preference(meta: VolumeMetadata | None) -> int:
-    """2 = lung reconstruction (lung/HRCT description or a sharp lung kernel), 1 = thorax, 0 = other/unknown."""
-    if meta is None:
-        return 0
-    desc = (meta.series_description or "").lower()
-    if any(w in desc for w in _LUNG_WORDS) or (meta.kernel and _LUNG_KERNEL.match(meta.kernel)):
-        return 2
-    if any(w in desc for w in _THORAX_WORDS):
-        return 1
-    return 0
-
-
-def select_reconstructions(names: Iterable[str], metadata: Mapping[str, VolumeMetadata], k: int | None) -> list[str]:
-    """Keep at most ``k`` reconstructions per scan (``None`` = all): lung/thorax reconstructions first
-    (:func:`reconstruction_preference`), then the larger volume, then the lower reconstruction number.
-    Returns the kept names in natural order."""
-    names = list(names)
-    if k is None:
-        return sorted(names, key=natural_key)
-    if k < 1:
-        raise ValueError(f"--reconstructions must be 'all' or >= 1, got {k}")
-    by_scan: dict[str, list[str]] = {}
-    for n in names:
-        try:
-            scan = parse_volume_name(n).scan_id
-        except ValueError:
-            scan = n
-        by_scan.setdefault(scan, []).append(n)
-    kept = []
-    for group in by_scan.values():
-        group.sort(key=lambda n: (-reconstruction_preference(metadata.get(n)),
-                                  -(metadata[n].n_voxels if n in metadata else 0), natural_key(n)))
-        kept.extend(group[:k])
-    return sorted(kept, key=natural_key)
-
-
+# ----------------------------------------------------------------------------------------------- volume lists
 def no_chest_path(root: str | Path, split: str) -> Path:
     """``metadata/no_chest_{split}.txt`` (the CT-RATE list of non-chest volumes of a split)."""
     return Path(root) / "metadata" / f"no_chest_{split}.txt"

@@ -16,22 +16,35 @@ Workers never outlive the command:
 
 When no worker can be started at all (e.g. a low ``ulimit -v`` makes the forkserver fail), every job of
 the run gets a :class:`JobError` saying so, and the caller writes its failures report as usual.
+
+Also here, for every batch command: :func:`init_worker` (the worker initialiser: one thread per worker),
+:class:`VolumeResult` / :class:`BatchSummary` (what a per-volume batch returns) and :func:`write_failures`
+(the one failures report: a ``split,volume,error`` CSV), and :func:`run_command` (a subprocess killed with
+its whole process group).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
+import io
 import logging
+import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from fvlm.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +186,6 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]] | Iterable[
     workers cannot be started, the jobs not yet run get a :class:`JobError` naming the cause. Leaving the
     generator early (an exception, Ctrl-C) stops every worker.
     """
-    import multiprocessing as mp
-
     jobs = list(jobs)
     n = len(jobs)
     if n == 0:
@@ -275,6 +286,77 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]] | Iterable[
             w.stop()
 
 
+def init_worker() -> None:
+    """The worker initialiser of every batch command (``run_jobs(..., initializer=init_worker)``): one thread per
+    worker process, since the workers are the parallelism (K workers x N threads would oversubscribe the cores).
+
+    Sets ``OMP_NUM_THREADS=1`` unless the user set it, and torch's intra-op threads to 1 when torch is already
+    loaded in the worker (preloaded by the forkserver of ``fvlm preprocess``).
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------- results
+@dataclass
+class VolumeResult:
+    """What a batch command did with one volume."""
+
+    split: str
+    volume: str
+    status: str  # ok | failed | skipped
+    error: str = ""
+    seconds: float = 0.0
+    version: str = ""
+
+
+@dataclass
+class BatchSummary:
+    """The per-volume results of one batch run (this run's volumes only)."""
+
+    results: list[VolumeResult] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[VolumeResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def n_ok(self) -> int:
+        return self.count("ok")
+
+    @property
+    def n_skipped(self) -> int:
+        return self.count("skipped")
+
+    @property
+    def n_failed(self) -> int:
+        return self.count("failed")
+
+    @property
+    def ok(self) -> bool:
+        """Every volume of this run is done (processed now or complete already)."""
+        return not self.failed
+
+
+FAILURE_FIELDS = ("split", "volume", "error")
+
+
+def write_failures(path: str | Path, rows: Iterable[Sequence[str]]) -> None:
+    """The failures report of a batch command: ``split,volume,error`` rows (one line each, ``\\n`` line ends;
+    atomic; just the header when none failed)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(FAILURE_FIELDS)
+    for row in rows:
+        w.writerow(row)
+    atomic_write_text(path, buf.getvalue())
+
+
 # ----------------------------------------------------------------------------------------------- subprocesses
 def supervised(cmd: Sequence[str]) -> list[str]:
     """``cmd`` wrapped in the supervisor (``python -m fvlm.data.jobs --supervise MAIN_PID -- cmd ...``): start the
@@ -302,8 +384,6 @@ def run_command(cmd: Sequence[str], timeout: float = 0.0, env: dict[str, str] | 
     On timeout, on return and on any exception (Ctrl-C included) the whole group is killed, grandchildren
     too; a ``kill -9`` of this process makes the supervisor kill it. ``OSError`` when Python cannot start.
     """
-    import subprocess
-
     proc = subprocess.Popen(supervised(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", start_new_session=True, env=env)
     timed_out = False
@@ -329,8 +409,6 @@ def run_command(cmd: Sequence[str], timeout: float = 0.0, env: dict[str, str] | 
 def _supervise(main_pid: int, cmd: list[str]) -> int:
     """The supervisor: leader of its own process group; runs ``cmd`` in it and kills the group (itself
     included) as soon as ``main_pid`` is gone or it is told to stop."""
-    import subprocess
-
     def kill_all(*_: Any) -> None:
         os.killpg(0, signal.SIGKILL)
 

@@ -10,6 +10,9 @@ order (transposes and flips only, no resampling) with one log line. Any other di
 other spacing or extent) is a different grid and raises :class:`GridMismatch` (a ``ValueError``) saying how
 the grids differ and what to do.
 
+:func:`class_ids` is the other half of checking a label map: its values must be TotalSegmentator v2 ``total``
+class ids (integers 0..117).
+
 Used by ``fvlm preprocess`` (label reading), ``fvlm segment`` (TotalSegmentator outputs), ``fvlm predict``
 and ``fvlm radchestct`` (existing label maps).
 """
@@ -21,6 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from fvlm.data.volume import SourceVolume, check_finite
+from fvlm.totalseg import MAX_CLASS_ID
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +135,11 @@ def grid_mapping(image_geometry, image_shape_zyx: Sequence[int], label_geometry,
 
 def align_label(image, label, *, label_name: str = "label map", image_name: str = "scan",
                 tolerance: float = TOLERANCE_VOXELS):
-    """``label`` (:class:`fvlm.data.preprocess.SourceVolume`) on ``image``'s grid: reordered (one log line)
+    """``label`` (:class:`fvlm.data.volume.SourceVolume`) on ``image``'s grid: reordered (one log line)
     when it is the same grid in another axis order or direction, returned as is when identical.
 
     Raises :class:`GridMismatch` naming both files, how the grids differ and what to do.
     """
-    from fvlm.data.preprocess import SourceVolume
-
     try:
         m = grid_mapping(image.geometry, image.array.shape, label.geometry, label.array.shape, tolerance)
     except GridMismatch as e:
@@ -149,4 +153,19 @@ def align_label(image, label, *, label_name: str = "label map", image_name: str 
     return SourceVolume(m.apply(label.array), image.geometry)
 
 
-__all__ = ["ADVICE", "GridMapping", "GridMismatch", "TOLERANCE_VOXELS", "align_label", "grid_mapping"]
+def class_ids(array: np.ndarray, name: str = "label map") -> np.ndarray:
+    """The label map's values as uint8 TotalSegmentator v2 ``total`` class ids (the array itself when it already
+    is one); ``ValueError`` for NaN, non-integer values or ids outside 0..117."""
+    if array.dtype.kind == "f":
+        check_finite(array, name)
+        if np.any(array != np.round(array)):
+            raise ValueError(f"{name} holds non-integer values")
+    lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    if lo < 0 or hi > MAX_CLASS_ID:
+        bad = np.unique(array[(array < 0) | (array > MAX_CLASS_ID)])[:10]
+        raise ValueError(f"{name} holds unknown class ids {bad.astype(np.int64).tolist()} (TotalSegmentator v2 "
+                         f"'total' ids are 0..{MAX_CLASS_ID})")
+    return array if array.dtype == np.uint8 else array.astype(np.uint8)
+
+
+__all__ = ["ADVICE", "GridMapping", "GridMismatch", "TOLERANCE_VOXELS", "align_label", "class_ids", "grid_mapping"]

@@ -37,16 +37,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fvlm.data.check import read_header
 from fvlm.data.jobs import JobError, run_jobs
 from fvlm.data.labelmap import align_label
 from fvlm.data.orientation import OrientationCheck, superior_end_from_hu, superior_end_from_labels
-from fvlm.data.preprocess import SourceVolume, read_nifti
 from fvlm.data.radchestct_labels import MAPPINGS, map_labels, read_labels, write_ctrate_labels
 from fvlm.data.store import Geometry
+from fvlm.data.volume import SourceVolume, read_header, read_nifti, write_nifti
 from fvlm.io import atomic_path, atomic_write_text
 from fvlm.paths import component_problem, safe_component
-from fvlm.segment import write_nifti
 
 log = logging.getLogger(__name__)
 

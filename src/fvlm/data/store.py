@@ -36,12 +36,18 @@ opened as ``np.memmap``) are still read.
 
 The API here is deliberately small: :func:`open_volume`, :func:`read_meta`, :func:`list_volumes`,
 :func:`read_manifest`, :func:`window`, :func:`is_complete`, :func:`write_volume`.
+
+One module, although about 600 lines: it is the one definition of the on-disk format (names, layout, how a
+directory is written atomically and checked, which directories may be deleted, how failure records and the
+manifest are kept), and its readers and writers must change together. The array container (blosc2 ``.b2nd``
+files) is :mod:`fvlm.data.b2nd`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -55,7 +61,15 @@ from typing import Any
 
 import numpy as np
 
+from fvlm.data.b2nd import CODECS, CompressedArray, write_b2nd
+from fvlm.data.jobs import FAILURE_FIELDS, write_failures
 from fvlm.io import atomic_write_text, file_sha256
+from fvlm.paths import safe_component
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: manifest rebuilds are not locked
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +81,6 @@ MASK = "mask.b2nd"
 IMAGE_V1 = "image.npy"
 MASK_V1 = "mask.npy"
 META = "meta.json"
-#: z depth of a stored chunk (each chunk spans the full y/x extent): a crop decompresses every chunk its z range
-#: touches; 16 slices keep the waste at the crop's z ends small (112-slice paper crop) and chunks about 1-4 MB
-CHUNK_SLICES = 16
-#: blosc2 compression of the stored arrays. LZ4 + byte shuffle decodes a 112 x 256 x 352 int16 crop in about
-#: 10-15 ms on one core; zstd (+ bytedelta) saves 15-35 % of the bytes at about twice the decode time. The mask
-#: (mostly long runs of equal bytes) compresses to about 0.02 bytes per voxel without a filter; a filter only costs
-#: time.
-CODECS: dict[str, dict[str, Any]] = {
-    "image": {"codec": "lz4", "clevel": 5, "filters": ["shuffle"]},
-    "mask": {"codec": "lz4", "clevel": 5, "filters": []},
-}
 MANIFEST = "manifest.csv"
 FAILURES = "failures.csv"
 CONFIG = "preprocess_config.json"
@@ -110,63 +113,6 @@ class Geometry:
     def to_dict(self) -> dict[str, list[float]]:
         return {"spacing": [float(s) for s in self.spacing], "origin": [float(o) for o in self.origin],
                 "direction": [float(d) for d in self.direction]}
-
-
-class CompressedArray:
-    """A read-only (D, H, W) array in a ``.b2nd`` file (blosc2 NDArray), decompressed on indexing.
-
-    Supports ``shape``, ``dtype``, ``ndim``, ``len()``, ``np.asarray(arr)`` (decompresses everything) and
-    numpy-style basic indexing (ints, slices with any step, ``...``), which decompresses only the chunks the
-    selection touches and returns a new ``np.ndarray``; other keys (integer or boolean arrays) decompress
-    the whole array first. The file is memory-mapped; decompression runs in the calling thread (no blosc2
-    thread pool, so it is safe in forked DataLoader workers; parallelism comes from the workers).
-    """
-
-    def __init__(self, path: str | Path):
-        blosc2 = _blosc2()
-        self.path = Path(path)
-        try:
-            self._array = blosc2.open(str(self.path), mode="r", mmap_mode="r", dparams=blosc2.DParams(nthreads=1))
-        except RuntimeError as e:  # blosc2 reports a missing trailer (truncated file) or a bad header this way
-            raise ValueError(f"{self.path}: not a readable blosc2 .b2nd array ({e})") from e
-        if not hasattr(self._array, "chunks") or len(self._array.shape) != 3:
-            raise ValueError(f"{self.path}: expected a 3-D blosc2 NDArray, got {type(self._array).__name__}")
-        self.shape: tuple[int, ...] = tuple(int(n) for n in self._array.shape)
-        self.dtype = np.dtype(self._array.dtype)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def chunks(self) -> tuple[int, ...]:
-        return tuple(int(c) for c in self._array.chunks)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"CompressedArray({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        keys = key if isinstance(key, tuple) else (key,)
-        if all(k is Ellipsis or isinstance(k, (slice, int, np.integer)) for k in keys):
-            out = self._array[key]
-        else:  # advanced indexing: decompress once, let numpy index
-            out = self._array[...][key]
-        return np.asarray(out)
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        out = self[...]
-        return out if dtype is None else out.astype(dtype, copy=False)
-
-    def __reduce__(self):
-        # pickled by path (spawn / forkserver DataLoader workers): the receiving process opens the file itself
-        return (CompressedArray, (self.path,))
 
 
 #: what ``ProcessedVolume.image`` / ``.mask`` can be: lazily decompressed (format 2), memory-mapped (format 1)
@@ -209,18 +155,9 @@ def _own(array: ArrayLike, sl: tuple[slice, ...]) -> np.ndarray:
     return out if isinstance(array, CompressedArray) else np.array(out)
 
 
-def _blosc2():
-    """The blosc2 module, imported on first use (its import costs about 0.5 s, not needed for format-1 stores)."""
-    import blosc2
-
-    return blosc2
-
-
 # ------------------------------------------------------------------------------------------------ reading
 def volume_dir(out: str | Path, split: str, volume: str) -> Path:
     """``OUT/{split}/{volume}``; ``ValueError`` unless split and volume are single safe names (never outside OUT)."""
-    from fvlm.paths import safe_component
-
     return Path(out) / safe_component(split, "split") / safe_component(volume, "volume name")
 
 
@@ -367,8 +304,6 @@ def list_volumes(out: str | Path, split: str, check: bool = False) -> list[str]:
     Directories appear only complete (atomic rename); ``check=True`` also validates every one with
     :func:`check_volume_dir` (reads three small headers per volume) and drops damaged ones.
     """
-    from fvlm.paths import safe_component
-
     d = Path(out) / safe_component(split, "split")
     if not d.is_dir():
         return []
@@ -388,7 +323,7 @@ def read_manifest(out: str | Path):
     Columns: split, volume, scan, status, shape ("DxHxW"), spacing ("x,y,z" mm), version,
     ``voxels_{anatomy}`` per anatomy, seconds, error.
     """
-    import pandas as pd
+    import pandas as pd  # here: 0.5 s to import (measured), needed by no other reader of a store (DataLoader workers)
 
     path = Path(out) / MANIFEST
     if not path.exists():
@@ -453,31 +388,6 @@ def _temp_volume_dir(out: Path, split: str, volume: str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_b2nd(path: Path, array: np.ndarray, codec: dict[str, Any],
-                chunks: tuple[int, int, int] | None = None) -> dict[str, Any]:
-    """Write a (D, H, W) array as a .b2nd file; returns its storage record for meta.json.
-
-    ``chunks=None``: chunks of :data:`CHUNK_SLICES` full slices split into one-slice blocks (the store's
-    layout); otherwise the given chunk shape with blocks chosen by blosc2. Compression runs in the calling
-    thread (preprocessing is parallel over processes).
-    """
-    blosc2 = _blosc2()
-    d, h, w = array.shape
-    if chunks is None:
-        chunks, blocks = (min(d, CHUNK_SLICES), h, w), (1, h, w)
-    else:
-        chunks, blocks = tuple(min(int(c), n) for c, n in zip(chunks, array.shape, strict=True)), None
-    filters = [blosc2.Filter[f.upper()] for f in codec["filters"]] or [blosc2.Filter.NOFILTER]
-    cparams = blosc2.CParams(codec=blosc2.Codec[codec["codec"].upper()], clevel=int(codec["clevel"]),
-                             filters=filters, typesize=array.dtype.itemsize, nthreads=1)
-    arr = blosc2.asarray(np.ascontiguousarray(array), urlpath=str(path), mode="w", chunks=chunks, blocks=blocks,
-                         cparams=cparams)
-    record = {"file": path.name, **codec, "chunks": [int(c) for c in arr.chunks],
-              "blocks": [int(b) for b in arr.blocks]}
-    del arr  # closes the frame before the directory is renamed
-    return record
-
-
 def write_volume(out: str | Path, split: str, volume: str, image: np.ndarray, mask: np.ndarray,
                  meta: dict[str, Any], *, codecs: dict[str, dict[str, Any]] | None = None,
                  chunks: tuple[int, int, int] | None = None) -> Path:
@@ -500,8 +410,8 @@ def write_volume(out: str | Path, split: str, volume: str, image: np.ndarray, ma
     out = Path(out)
     final = volume_dir(out, split, volume)
     with _temp_volume_dir(out, split, volume) as tmp:
-        storage = {"container": "blosc2-ndarray", "image": _write_b2nd(tmp / IMAGE, image, codecs["image"], chunks),
-                   "mask": _write_b2nd(tmp / MASK, mask, codecs["mask"], chunks)}
+        storage = {"container": "blosc2-ndarray", "image": write_b2nd(tmp / IMAGE, image, codecs["image"], chunks),
+                   "mask": write_b2nd(tmp / MASK, mask, codecs["mask"], chunks)}
         for key, name in (("image", IMAGE), ("mask", MASK)):  # checked by check_volume_dir(verify=True)
             storage[key]["sha256"] = file_sha256(tmp / name)
         meta = {**meta, "format": FORMAT_VERSION, "shape": [int(s) for s in image.shape], "image_dtype": "int16",
@@ -549,8 +459,6 @@ def clean_temporaries(out: str | Path, split: str, volumes: set[str] | None = No
     ``volumes`` restricts the clean-up to those volumes (a shard cleans only its own, so it never removes
     a directory another shard of the same OUT is writing right now).
     """
-    from fvlm.paths import safe_component
-
     d = Path(out) / safe_component(split, "split")
     if not d.is_dir():
         return 0
@@ -567,8 +475,6 @@ def clean_temporaries(out: str | Path, split: str, volumes: set[str] | None = No
 
 # ------------------------------------------------------------------------------------------------ failures
 def failure_path(out: str | Path, split: str, volume: str) -> Path:
-    from fvlm.paths import safe_component
-
     return Path(out) / FAILED_DIR / safe_component(split, "split") / f"{safe_component(volume, 'volume name')}.json"
 
 
@@ -650,8 +556,6 @@ def _natural(name: str) -> list:
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    import io
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -674,16 +578,14 @@ def rebuild_manifest(out: str | Path, anatomies: list[str]) -> tuple[int, int]:
                   *(f"voxels_{a}" for a in anatomies), "seconds", "error"]
         _write_csv(out / MANIFEST, fields, rows)
         failed = [r for r in rows if r["status"] == "failed"]
-        _write_csv(out / FAILURES, ["split", "volume", "error"], failed)
+        write_failures(out / FAILURES, [[r.get(k, "") for k in FAILURE_FIELDS] for r in failed])
     return len(rows) - len(failed), len(failed)
 
 
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (fcntl) on ``path``; a no-op where fcntl is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
+    if fcntl is None:  # pragma: no cover - non-POSIX
         yield
         return
     with open(path, "a") as f:

@@ -25,19 +25,18 @@ import csv
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from fvlm.anatomy import load_anatomy_table
-from fvlm.data.jobs import JobError, run_jobs
-from fvlm.io import atomic_path, atomic_write_text
+from fvlm.data.jobs import JobError, init_worker, run_jobs
+from fvlm.data.volume import write_nifti_ras as write_nifti
+from fvlm.io import atomic_write_text
 from fvlm.labels import CT_RATE_LABELS
 from fvlm.synth.case import (
     _GEOMETRY,
@@ -131,25 +130,6 @@ def volume_relpath(split: str, pid: int, scan: int, rec: int) -> Path:
     prefix = SPLITS[split][0]
     p, s = f"{prefix}_{pid}", f"{prefix}_{pid}_{_SCAN_LETTERS[scan]}"
     return Path(p) / s / f"{s}_{rec}.nii.gz"
-
-
-def write_nifti(path: Path, zyx: np.ndarray, affine: np.ndarray | None) -> int:
-    """Write a (z, y, x) array as a NIfTI (x, y, z) file atomically; returns the file size in bytes.
-
-    ``affine=None`` writes CT-RATE v1's default header (identity affine, sform "aligned", no qform).
-    """
-    data = zyx.T  # (x, y, z) view of the C-ordered array: nibabel writes it without a copy
-    if affine is None:
-        img = nib.Nifti1Image(data, np.eye(4))
-    else:
-        img = nib.Nifti1Image(data, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm")
-    img.header.set_data_dtype(zyx.dtype)
-    with atomic_path(path, suffix=".nii.gz") as tmp:
-        nib.save(img, tmp)
-    return path.stat().st_size
 
 
 def _scan_dates(entropy: int, split: str, pid: int, n_scans: int) -> list[str]:
@@ -285,7 +265,7 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
     if workers > 1 and len(jobs) > 1:
         # a worker that dies (out of memory) fails only the scan it held; results keep the job order
         by_index: dict[int, ScanResult] = {}
-        for k, r in run_jobs(run_scan, [(j,) for j in jobs], workers, context="spawn", initializer=_init_worker):
+        for k, r in run_jobs(run_scan, [(j,) for j in jobs], workers, context="spawn", initializer=init_worker):
             if isinstance(r, JobError):
                 j = jobs[k]
                 r = ScanResult(j.split, j.pid, j.scan, f"{SPLITS[j.split][0]}_{j.pid}_{_SCAN_LETTERS[j.scan]}",
@@ -349,9 +329,3 @@ def synthesize(out, n_train: int = 8, n_valid: int = 4, seed: int = 0, size: str
         lines = "\n".join(f"  {r.scan_id}: {r.error}" for r in failures)
         raise RuntimeError(f"{len(failures)} of {len(jobs)} scans failed (the others were written):\n{lines}")
     return summary
-
-
-def _init_worker() -> None:
-    # one thread per worker process: the workers are the parallelism. Private for now: data/jobs.py gets one shared
-    # worker initialiser, which this becomes at the merge.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
