@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.anatomy import AnatomyTable, alignment, load_anatomy_table
 from fvlm.config import Config, config_from_dict
 from fvlm.io import atomic_write_text, file_sha256
 
@@ -363,9 +363,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
 
     ckpt = resolve_checkpoint(path, verify=verify)
     cfg, table = load_run_config(ckpt)
-    num_anatomies = 1 if cfg.loss.mode == "global" else len(table)
     with quiet_transformers():
-        model = FVLM(build_config(cfg, ckpt), num_anatomies=num_anatomies)
+        model = FVLM(build_config(cfg, ckpt), num_anatomies=len(alignment(cfg, table).table))
     load_weights_checked(model, ckpt / WEIGHTS)
     model.cfg = cfg  # the saved configuration (provenance), not the rebuilt one
     model.anatomy_table = table

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.anatomy import AnatomyTable, alignment, load_anatomy_table
 from fvlm.config import Config, load_config
 from fvlm.io import atomic_write_text, file_sha256
 
@@ -353,7 +353,7 @@ def convert_official(ckpt: str | Path, out: str | Path, text_model: str = "", to
         raise ValueError(f"{ckpt} does not fit the {config} config with the sizes its tensors have ({derived}): {e}; "
                          f"choose the checkpoint's preset with --config/--set") from None
 
-    n_anatomies = 1 if cfg.loss.mode == "global" else len(table)
+    n_anatomies = len(alignment(cfg, table).table)
     diffs = config_differences(raw, cfg, n_anatomies)
     if diffs:
         raise ValueError(f"{ckpt} does not fit the {config} config with {n_anatomies} anatomies (table "

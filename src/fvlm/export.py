@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from fvlm import __version__
-from fvlm.anatomy import AnatomyTable
+from fvlm.anatomy import AnatomyTable, alignment
 from fvlm.checkpoint import (
     CONFIG,
     FORMAT_VERSION,
@@ -125,8 +125,8 @@ def model_card(cfg: Config, table: AnatomyTable, ckpt: Path, name: str, license:
                          f"{t.get('vocab_size')}, pooling {cfg.model.text.pooling}, max length "
                          f"{cfg.model.text.max_length}"),
         ("text model it started from", f"`{started}`"),
-        ("embedding", f"{cfg.model.embed_dim}, " + ("one per anatomy" if cfg.loss.mode == "anatomy"
-                                                    else "one per volume (global baseline)")),
+        ("embedding", f"{cfg.model.embed_dim}, " + ("one per volume (global baseline)"
+                                                    if alignment(cfg, table).whole_crop else "one per anatomy")),
         ("loss", f"{cfg.loss.mode}; normal samples as positives: {cfg.loss.normal_positives}; identical texts as "
                  f"positives: {cfg.loss.same_text_positives}"),
         ("training", (f"{step} optimizer steps, " if step else "") + f"batch {cfg.train.batch_size} per process, "
