@@ -66,7 +66,8 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
 
     from fvlm.checkpoint import latest_checkpoint
     from fvlm.config import load_config
-    from fvlm.metrics import compute_metrics, format_table, metrics_to_json, plot_roc
+    from fvlm.metrics import compute_metrics, format_table, metrics_to_json
+    from fvlm.plots import plot_roc
     from fvlm.synth import synthesize
     from fvlm.train import train
     from fvlm.zeroshot import evaluate

@@ -95,7 +95,7 @@ def label_metrics(scores: np.ndarray, truth: np.ndarray, threshold: float, *, co
 
 
 # ------------------------------------------------------------------------------------------ bootstrap
-def _ci(samples: np.ndarray) -> list[float] | None:
+def percentile_ci(samples: np.ndarray) -> list[float] | None:
     """Percentile 95 % interval of bootstrap samples, ignoring undefined (NaN) resamples."""
     finite = samples[np.isfinite(samples)]
     if finite.size == 0:
@@ -211,4 +211,4 @@ def bootstrap_samples(scores: np.ndarray, truth: np.ndarray, labels: Sequence[st
 
 
 __all__ = ["COMPARISONS", "METRIC_KEYS", "THRESHOLDS", "bootstrap_counts", "bootstrap_samples", "label_metrics",
-           "predict", "resampled_metrics", "roc_corner_threshold"]
+           "percentile_ci", "predict", "resampled_metrics", "roc_corner_threshold"]

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fvlm.io import atomic_write_text
 from fvlm.labels import CT_RATE_LABELS, volume_key
 from fvlm.metric_rules import (
     COMPARISONS,
@@ -47,6 +48,7 @@ from fvlm.metric_rules import (
     bootstrap_counts,
     bootstrap_samples,
     label_metrics,
+    percentile_ci,
     predict,
     resampled_metrics,
     roc_corner_threshold,
@@ -167,7 +169,8 @@ def _column(data: _Aligned, j: int, missing: str) -> tuple[np.ndarray, np.ndarra
 
 
 def label_columns(scores_df: pd.DataFrame, labels_df: pd.DataFrame, *, missing: str = "zero",
-                  sources: tuple[str, str] = ("scores", "labels")) -> tuple[int, list[tuple[str, np.ndarray, np.ndarray]]]:
+                  sources: tuple[str, str] = ("scores", "labels")
+                  ) -> tuple[int, list[tuple[str, np.ndarray, np.ndarray]]]:
     """The matched volumes' count and, per scored label, (label, scores, truth) after the missing-score policy
     (what the ROC curves of :func:`fvlm.plots.plot_roc` draw; nothing is logged: compute_metrics reports)."""
     if missing not in MISSING_POLICIES:
@@ -221,6 +224,8 @@ class Metrics(Mapping):
         if path is not None:
             atomic_write_text(path, text)
         return text
+
+
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
@@ -301,9 +306,9 @@ def compute_metrics(
         auc_samples, macro_samples = bootstrap_samples(data.scores, data.truth, data.labels, missing, fixed, comparison,
                                                        keys, bootstrap, seed)
         for j, label in enumerate(data.labels):
-            per_label[label]["auc_ci95"] = _ci(auc_samples[:, j])
+            per_label[label]["auc_ci95"] = percentile_ci(auc_samples[:, j])
         for key in keys:
-            macro[f"{key}_ci95"] = _ci(macro_samples[key])
+            macro[f"{key}_ci95"] = percentile_ci(macro_samples[key])
 
     total_missing = sum(missing_counts.values())
     if total_missing:

@@ -15,7 +15,8 @@ from fvlm.io import atomic_write_text
 from fvlm.plots import save_overlay
 
 
-def _finite(x: float) -> float | None:
+def finite_or_none(x: float | None) -> float | None:
+    """``x`` as a float, or None when it is missing or not finite (JSON has no NaN)."""
     return None if x is None or not math.isfinite(x) else float(x)
 
 

@@ -16,7 +16,7 @@ volume whose anatomy is absent gets an empty cell, never a silent 0 (the missing
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +25,12 @@ import torch
 from tqdm import tqdm
 
 from fvlm.anatomy import AnatomyTable, alignment, global_table, load_anatomy_table
+from fvlm.checkpoint import load_model
 from fvlm.config import Config
 from fvlm.data import store
 from fvlm.io import atomic_path
 from fvlm.labels import CT_RATE_LABELS
+from fvlm.train import autocast_context, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +232,6 @@ def anatomy_embeddings(model: torch.nn.Module, cfg: Config, table: AnatomyTable,
         volumes: the N volume names;
         features: float32 ``(N, A, E)`` (``A = 1`` for a global-mode model), NaN where the anatomy is absent.
     """
-    from fvlm.train import autocast_context
-
     root = Path(root)
     table = alignment(cfg, table).table
     volumes, specs = crop_specs(root, split, cfg, table)
@@ -290,12 +290,24 @@ def prompt_probabilities(model: torch.nn.Module, cfg: Config, table: AnatomyTabl
     return out
 
 
-def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Path, device: str = "auto",
-             batch_size: int = 0, anatomy_table: str | None = None) -> pd.DataFrame:
-    """Score every volume of ``split``; writes ``out`` (CSV) atomically and returns the table."""
-    from fvlm.checkpoint import load_model
-    from fvlm.train import resolve_device
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`.
 
+    Attributes:
+        scores: the table written to ``path``: ``VolumeName`` + one column per scored label (NaN = anatomy absent).
+        path: the scores CSV. missing: {label: volumes without a score}. unscored: labels the table does not score.
+    """
+
+    scores: pd.DataFrame
+    path: Path
+    missing: dict[str, int] = field(default_factory=dict)
+    unscored: tuple[str, ...] = ()
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Path, device: str = "auto",
+             batch_size: int = 0, anatomy_table: str | None = None) -> Evaluation:
+    """Score every volume of ``split``; writes ``out`` (CSV) atomically and returns it with its table."""
     dev = resolve_device(device)
     model, cfg, table = load_model(checkpoint, dev)
     if anatomy_table:
@@ -316,4 +328,4 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Pa
              f"; empty cells (anatomy absent): {missing}" if missing else "")
     if table.unscored:
         log.info("not scored by table %r: %s", table.name, ", ".join(table.unscored))
-    return df
+    return Evaluation(df, Path(out), missing, tuple(table.unscored))

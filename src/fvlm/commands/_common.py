@@ -1,6 +1,8 @@
 """Shared argument helpers of the subcommands."""
 from __future__ import annotations
+
 import argparse
+
 
 def add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--config", default=default,

@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "llm" and args.reports and args.out:
         extra = {k: getattr(args, f"llm_{k}") for k in ("timeout", "max_retries", "invalid_retries")
                  if getattr(args, f"llm_{k}") is not None}
-        llm = LLMConfig(url=args.llm_url, model=args.llm_model, cache_dir=args.llm_cache or Path(args.out) / ".llm_cache",
-                        workers=args.llm_workers or 4, **extra)
+        llm = LLMConfig(url=args.llm_url, model=args.llm_model,
+                        cache_dir=args.llm_cache or Path(args.out) / ".llm_cache", workers=args.llm_workers or 4,
+                        **extra)
     result = decompose_files(args.reports, args.out, args.anatomies, args.backend, lexicon=args.lexicon or None,
                              llm=llm, accept_fallback=args.llm_accept_fallback, gold=args.evaluate, pred=args.pred)
     return 0 if result.ok else 1

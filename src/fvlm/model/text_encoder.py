@@ -25,6 +25,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer, PreTrainedTokenizerBase
 
 from fvlm.config import TextConfig
+from fvlm.hub import quiet_transformers
 from fvlm.tokenization import tokenize_unique  # noqa: F401  (its home before fvlm.tokenization; tests import it here)
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ def build_text_encoder(cfg: TextConfig) -> tuple[BertModel, PreTrainedTokenizerB
     else:
         path = resolve_text_path(cfg.pretrained)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
-        from fvlm.hub import quiet_transformers
-
         with quiet_transformers():  # its load-report table and progress bar: summarised in one line below
             model, info = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True,
                                                     output_loading_info=True)
