@@ -110,7 +110,7 @@ def test_predict_equals_eval_of_the_same_volume(run, predictor, tmp_path):
     synthesize(tmp_path / "ct", n_train=0, n_valid=1, seed=5, v2=True)
     cfg, table = predictor.cfg, predictor.table
     run_preprocess(ctrate_jobs(tmp_path / "ct", ["valid"], version="v2"), tmp_path / "proc", cfg.data, table)
-    scores = evaluate(run, tmp_path / "proc", "valid", tmp_path / "scores.csv", device="cpu")
+    scores = evaluate(run, tmp_path / "proc", "valid", tmp_path / "scores.csv", device="cpu").scores
     name = scores["VolumeName"].iloc[0].removesuffix(".nii.gz")
     scan = next((tmp_path / "ct" / "dataset").rglob(f"valid/**/{name}.nii.gz"))
     mask = next((tmp_path / "ct" / "dataset").rglob(f"valid_mask/**/{name}.nii.gz"))
