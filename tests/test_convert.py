@@ -12,8 +12,9 @@ import torch
 from fvlm.checkpoint import load_model
 from fvlm.cli import main
 from fvlm.config import load_config
-from fvlm.convert import convert_official, infer_text_config, map_official_keys
+from fvlm.convert import convert_official
 from fvlm.model.fvlm import FVLM
+from fvlm.official_state import infer_text_config, map_official_keys
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_frozen_text_tensors_come_from_the_text_model(tmp_path):
 def test_vision_sizes_come_from_the_tensors(original, tmp_path):
     """The tiny checkpoint converts with a preset of other vision sizes: width, depth, MLP and patch are read from
     the tensors (heads: the LAVIS YAML's vit_num_heads, else width / 64), the rest of the preset is kept."""
-    from fvlm.convert import infer_vision_fields, read_lavis_config
+    from fvlm.official_state import infer_vision_fields, read_lavis_config
 
     sd = released_layout(original, True, False, ())
     assert infer_vision_fields(sd) == {"width": 32, "depth": 4, "mlp_dim": 64, "patch_size": [8, 16, 16], "heads": 1}

@@ -148,9 +148,9 @@ def test_reports_and_labels(tmp_path, real_data):
 
 def test_rescale():
     stored = np.array([0, 24, 7192, 9000], dtype=np.uint16)
-    np.testing.assert_array_equal(ctrate.rescale(stored, 1.0, -1024.0), [-1024, -1000, 6168, 7976])
-    np.testing.assert_array_equal(ctrate.rescale(stored, 1.0, -8192.0), [-8192, -8168, -1000, 808])
-    assert ctrate.rescale(stored, 1.0, -8192.0).dtype == np.int16
+    np.testing.assert_array_equal(v1fix.rescale(stored, 1.0, -1024.0), [-1024, -1000, 6168, 7976])
+    np.testing.assert_array_equal(v1fix.rescale(stored, 1.0, -8192.0), [-8192, -8168, -1000, 808])
+    assert v1fix.rescale(stored, 1.0, -8192.0).dtype == np.int16
 
 
 def _hu_phantom(rng):
@@ -171,25 +171,25 @@ def test_detect_version(real_metadata):
     v2_header = Geometry(md.spacing, md.position)
     for meta in (md, md8192):
         raw = (hu.astype(np.int32) - int(meta.intercept)).astype(np.int32)  # stored values of a v1 volume
-        d = ctrate.detect_version(v1_header, ctrate.value_statistics(raw), meta)
+        d = v1fix.detect_version(v1_header, v1fix.value_statistics(raw), meta)
         assert d.version == "v1" and d.reason == "auto"
         assert d.evidence["header_says"] == "v1" and d.evidence["values_say"] == "v1"
-    d = ctrate.detect_version(Geometry(md.spacing, md.position), ctrate.value_statistics(hu), md)
+    d = v1fix.detect_version(Geometry(md.spacing, md.position), v1fix.value_statistics(hu), md)
     assert d.version == "v2" and d.evidence["header_says"] == "v2" and d.evidence["values_say"] == "v2"
     # values alone decide when the header is ambiguous (metadata spacing of 1 mm)
     one_mm = ctrate.VolumeMetadata("x", (1.0, 1.0), 1.0)
-    assert ctrate.detect_version(v1_header, ctrate.value_statistics(hu), one_mm).version == "v2"
-    assert ctrate.detect_version(v1_header, ctrate.value_statistics(hu + 1024), one_mm).version == "v1"
+    assert v1fix.detect_version(v1_header, v1fix.value_statistics(hu), one_mm).version == "v2"
+    assert v1fix.detect_version(v1_header, v1fix.value_statistics(hu + 1024), one_mm).version == "v1"
     # conflict: a fixed header over raw values (e.g. rescaled twice / not at all) is refused
     with pytest.raises(ValueError, match="conflicting"):
-        ctrate.detect_version(v2_header, ctrate.value_statistics(hu + 1024), md)
+        v1fix.detect_version(v2_header, v1fix.value_statistics(hu + 1024), md)
     # inconclusive values and header
     flat = np.full((8, 8, 8), -300, dtype=np.int16)
     flat[0, 0, 0] = -350
     with pytest.raises(ValueError, match="cannot tell"):
-        ctrate.detect_version(v1_header, ctrate.value_statistics(flat), one_mm)
+        v1fix.detect_version(v1_header, v1fix.value_statistics(flat), one_mm)
     # forced
-    d = ctrate.detect_version(v2_header, ctrate.value_statistics(hu + 1024), md, forced="v1")
+    d = v1fix.detect_version(v2_header, v1fix.value_statistics(hu + 1024), md, forced="v1")
     assert (d.version, d.reason) == ("v1", "forced")
 
 

@@ -20,11 +20,11 @@ from fvlm.metrics import (
     compute_metrics,
     format_table,
     label_metrics,
-    plot_roc,
     predict,
     resampled_metrics,
     roc_corner_threshold,
 )
+from fvlm.plots import plot_roc
 
 # The hand case: 6 volumes, one label. Positives score 0.9, 0.8, 0.4; negatives 0.6, 0.3, 0.1.
 HAND_SCORES = [0.9, 0.8, 0.6, 0.4, 0.3, 0.1]

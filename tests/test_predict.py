@@ -22,8 +22,9 @@ from fvlm.checkpoint import save_checkpoint
 from fvlm.cli import main
 from fvlm.config import load_config
 from fvlm.data import store
+from fvlm.data.volume import obliquity_degrees
 from fvlm.model.fvlm import FVLM
-from fvlm.predict import Predictor, obliquity_degrees
+from fvlm.predict import Predictor
 from fvlm.synth import generate_case
 
 LUNG_IDS = (10, 11, 12, 13, 14)
@@ -111,7 +112,7 @@ def test_predict_equals_eval_of_the_same_volume(run, predictor, tmp_path):
     synthesize(tmp_path / "ct", n_train=0, n_valid=1, seed=5, v2=True)
     cfg, table = predictor.cfg, predictor.table
     run_preprocess(ctrate_jobs(tmp_path / "ct", ["valid"], version="v2"), tmp_path / "proc", cfg.data, table)
-    scores = evaluate(run, tmp_path / "proc", "valid", tmp_path / "scores.csv", device="cpu")
+    scores = evaluate(run, tmp_path / "proc", "valid", tmp_path / "scores.csv", device="cpu").scores
     name = scores["VolumeName"].iloc[0].removesuffix(".nii.gz")
     scan = next((tmp_path / "ct" / "dataset").rglob(f"valid/**/{name}.nii.gz"))
     mask = next((tmp_path / "ct" / "dataset").rglob(f"valid_mask/**/{name}.nii.gz"))

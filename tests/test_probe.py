@@ -175,7 +175,7 @@ def test_probe_on_a_real_tiny_run_caches_embeddings_and_matches_eval(tiny_data, 
     assert sorted(k for k, v in s.skipped.items() if "never positive" in v) == never
     assert set(s.scored_labels) == set(y.columns) - set(s.skipped)
     # zero-shot from the cached embeddings = fvlm eval
-    ev = fvlm.zeroshot.evaluate(run, tiny_data, "valid", tmp_path / "eval.csv", device="cpu")
+    ev = fvlm.zeroshot.evaluate(run, tiny_data, "valid", tmp_path / "eval.csv", device="cpu").scores
     zs = pd.read_csv(out / "scores" / "zeroshot.csv")
     assert list(zs.columns) == list(ev.columns)
     np.testing.assert_allclose(zs.iloc[:, 1:].to_numpy(float), ev.iloc[:, 1:].to_numpy(float), atol=1e-5)

@@ -3,30 +3,41 @@
 An *anatomy table* is data (``configs/anatomy/*.json``): the ordered anatomy groups (group ``k`` gets
 mask value ``k + 1``; 0 is background), the TotalSegmentator v2 classes each group merges, and the
 zero-shot prompt pairs that score CT-RATE labels from each anatomy. This module also holds the one
-definition of an *intact* anatomy, shared by training (random crops) and evaluation.
+definition of an *intact* anatomy, shared by training (random crops) and evaluation, and the one place that
+resolves what a model aligns with text (:func:`alignment`): the data's table (fVLM), or for the CT-CLIP-style
+global baseline (``loss.mode = "global"``) a table with one entry, the whole crop, read against the whole report.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fvlm.labels import CT_RATE_LABELS
 from fvlm.totalseg import CLASS_IDS, MAX_CLASS_ID, class_id
 
+if TYPE_CHECKING:
+    from fvlm.config import Config
+
 TABLE_DIR = Path(__file__).resolve().parent / "configs" / "anatomy"
 
 
 @dataclass(frozen=True)
 class Anatomy:
-    """One anatomy group: its name and the TotalSegmentator v2 classes it merges."""
+    """One anatomy group: its name and the TotalSegmentator v2 classes it merges.
+
+    ``whole_crop``: the entry is the whole crop (the global baseline's one entry): its evaluation crop is centred
+    on the union of the boxes of the data's anatomies, and its mask is all ones.
+    """
 
     name: str
     classes: tuple[str, ...]
+    whole_crop: bool = False
 
     @property
     def class_ids(self) -> tuple[int, ...]:
@@ -170,6 +181,55 @@ def load_anatomy_table(name_or_path: str | Path = "released") -> AnatomyTable:
             raise FileNotFoundError(f"no anatomy table {name_or_path!r}; shipped: {available_tables()}")
     with open(p) as f:
         return AnatomyTable.from_dict(json.load(f), source=str(p))
+
+
+# ----------------------------------------------------------------------------------------------- alignment
+#: the one entry of the global baseline's table (the name of its tensors in ``fvlm embed`` files)
+GLOBAL_ANATOMY = "global"
+#: where a model's texts come from: the anatomy texts (DATA/texts) or the whole report (DATA/reports)
+TEXTS_ANATOMY, TEXTS_REPORT = "anatomy", "report"
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """What a model aligns with text: built by :func:`alignment` from the run's config and anatomy table.
+
+    Attributes:
+        table: the model's anatomies (one pooled embedding each; ``len(table)`` queries) and the prompts that
+            score labels from them.
+        data_table: the table the data was processed with (the anatomies located in the label maps and masks).
+        texts: :data:`TEXTS_ANATOMY` or :data:`TEXTS_REPORT`.
+    """
+
+    table: AnatomyTable
+    data_table: AnatomyTable
+    texts: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.table.names
+
+    @property
+    def whole_crop(self) -> bool:
+        """The model sees the whole crop (the global baseline), not anatomies."""
+        return any(a.whole_crop for a in self.table.anatomies)
+
+
+def global_table(table: AnatomyTable) -> AnatomyTable:
+    """The global baseline's table: one entry (:data:`GLOBAL_ANATOMY`, the whole crop, merging every class of
+    ``table``), scoring every prompt of ``table`` from it. Name, unscored labels and source stay ``table``'s."""
+    classes = tuple(c for a in table.anatomies for c in a.classes)
+    return AnatomyTable(name=table.name, anatomies=(Anatomy(GLOBAL_ANATOMY, classes, whole_crop=True),),
+                        prompts=tuple(replace(p, anatomy=GLOBAL_ANATOMY) for p in table.prompts),
+                        unscored=table.unscored, description=table.description, source=table.source)
+
+
+def alignment(cfg: Config, table: AnatomyTable) -> Alignment:
+    """The one place ``loss.mode`` is read: ``anatomy`` aligns ``table``'s anatomies with their anatomy texts;
+    ``global`` aligns :func:`global_table` (the whole crop) with the whole report."""
+    if cfg.loss.mode == "global":
+        return Alignment(global_table(table), table, TEXTS_REPORT)
+    return Alignment(table, table, TEXTS_ANATOMY)
 
 
 def anatomy_counts(mask: np.ndarray, num_anatomies: int) -> np.ndarray:

@@ -39,10 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import BertConfig
 
-from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.anatomy import AnatomyTable, alignment, load_anatomy_table
 from fvlm.config import Config, config_from_dict
+from fvlm.hub import is_hub_id, quiet_transformers, snapshot
 from fvlm.io import atomic_write_text, file_sha256
+from fvlm.model.fvlm import FVLM, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +157,6 @@ def save_text_files(model: torch.nn.Module, folder: str | Path) -> None:
 
 def write_model_files(folder: str | Path, model: torch.nn.Module, cfg: Config, table: AnatomyTable) -> None:
     """Weights, config, anatomy table, preprocessing spec and text files of a model folder (no manifest)."""
-    from fvlm.model.fvlm import save_weights
-
     folder = Path(folder)
     save_weights(model, folder / WEIGHTS)
     cfg.save(folder / CONFIG)
@@ -250,8 +251,6 @@ def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
     """
     p = Path(path)
     if not p.exists():
-        from fvlm.hub import is_hub_id, snapshot
-
         if is_hub_id(str(path)):
             p = snapshot(str(path))
         else:
@@ -320,8 +319,6 @@ def build_config(cfg: Config, folder: Path) -> Config:
     truncation included) and the tokenizer from ``text/``; the weights then come from ``model.safetensors``.
     Without it (older checkpoints): the text model named by the config must still exist.
     """
-    from transformers import BertConfig
-
     built = copy.deepcopy(cfg)
     built.model.vision.pretrained = ""  # the weights replace every initialisation
     text_dir = folder / TEXT_DIR
@@ -341,8 +338,6 @@ def build_config(cfg: Config, folder: Path) -> Config:
 
 def load_weights_checked(model: torch.nn.Module, path: Path) -> None:
     """``load_weights`` with a damaged file reported by name (safetensors' own error does not say which)."""
-    from fvlm.model.fvlm import load_weights
-
     try:
         load_weights(model, path)
     except (FileNotFoundError, ValueError):
@@ -358,14 +353,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
 
     Returns the model (``model.anatomy_table`` set), the saved configuration and the anatomy table.
     """
-    from fvlm.hub import quiet_transformers
-    from fvlm.model.fvlm import FVLM
-
     ckpt = resolve_checkpoint(path, verify=verify)
     cfg, table = load_run_config(ckpt)
-    num_anatomies = 1 if cfg.loss.mode == "global" else len(table)
     with quiet_transformers():
-        model = FVLM(build_config(cfg, ckpt), num_anatomies=num_anatomies)
+        model = FVLM(build_config(cfg, ckpt), num_anatomies=len(alignment(cfg, table).table))
     load_weights_checked(model, ckpt / WEIGHTS)
     model.cfg = cfg  # the saved configuration (provenance), not the rebuilt one
     model.anatomy_table = table

@@ -38,6 +38,7 @@ from fvlm.data.compat import check_store
 from fvlm.data.dataset import Collate, TrainDataset
 from fvlm.loss import anatomy_contrastive_loss
 from fvlm.model.fvlm import FVLM, load_weights, param_groups
+from fvlm.plots import plot_loss
 from fvlm.runtime import autocast_context, seed_torch
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ def peer_config(cfg: Config) -> Config:
 def train_coteaching(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, device: str = "auto",
                      stop_after_steps: int | None = None) -> Path:
     """Co-teaching training of a main and a peer model (arguments as :func:`fvlm.train.train`); returns RUN."""
-    # here, not at the top: plot_loss lives in fvlm.train, which imports this module (it moves to fvlm.plots)
-    from fvlm.train import plot_loss
 
     data, run = Path(data), Path(out)
     peer_run = run / PEER_DIR

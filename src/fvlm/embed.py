@@ -3,8 +3,9 @@
 Image embeddings come from :func:`fvlm.zeroshot.anatomy_embeddings` (the evaluation crops); text embeddings
 are the anatomy texts of each volume's scan under the released rule (:class:`fvlm.text.AnatomyTexts` over
 ``DATA/texts``: impression + findings when abnormal, findings alone or the normal template when normal),
-each distinct text encoded once. A global-mode (CT-CLIP-style) run has one "anatomy", ``global``: the crop
-around all anatomies and the whole report (findings + impression, from ``DATA/reports``).
+each distinct text encoded once. A global-mode (CT-CLIP-style) run has the one entry of its table
+(:func:`fvlm.anatomy.alignment`), ``global``: the crop around all anatomies and the whole report (findings +
+impression, from ``DATA/reports``).
 
 The file (read by :func:`fvlm.retrieval.read_embeddings` / ``fvlm metrics --retrieval``)::
 
@@ -24,13 +25,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 
+from fvlm.anatomy import GLOBAL_ANATOMY, TEXTS_REPORT, alignment
+from fvlm.checkpoint import load_model
+from fvlm.data.compat import check_store
+from fvlm.data.dataset import _report_texts
 from fvlm.io import atomic_path
+from fvlm.runtime import autocast_context, resolve_device
 from fvlm.text import AnatomyTexts, scan_id
+from fvlm.zeroshot import anatomy_embeddings
 
 log = logging.getLogger(__name__)
 
-GLOBAL = "global"
+GLOBAL = GLOBAL_ANATOMY  # the global baseline's one entry, as the file names its tensors
+#: the ``texts`` metadata of the file, per text source
+_TEXTS_METADATA = {TEXTS_REPORT: "whole report (findings + impression)"}
 
 
 def _scan_of(volume: str) -> str:
@@ -57,10 +67,9 @@ def volume_texts(volumes: list[str], anatomies: list[str], root: Path, split: st
                  texts_dir: str | Path | None = None, rule: str = "fvlm") -> list[list[str | None]]:
     """The text of each volume (rows) and anatomy (columns); ``None`` where the scan has none.
 
+    ``global_mode``: the texts are the whole reports (:attr:`fvlm.anatomy.Alignment.texts` is ``report``).
     ``rule``: the run's ``data.text_rule`` (``released``: texts built as the released CaptionDataset does)."""
     if global_mode:
-        from fvlm.data.dataset import _report_texts
-
         reports = _report_texts(root, split)
         return [[reports.get(_scan_of(v)) or None] for v in volumes]
     texts = AnatomyTexts.load(Path(texts_dir) if texts_dir else root / "texts", rule=rule)
@@ -82,23 +91,17 @@ def embed(checkpoint: str | Path, data: str | Path, split: str = "valid", out: s
         checkpoint: run or checkpoint directory. texts: directory with desc_info.json / conc_info.json
             (default ``data/texts``). batch_size: crops per forward pass (0 = the run's eval.batch_size).
     """
-    from safetensors.numpy import save_file
-
-    from fvlm.checkpoint import load_model
-    from fvlm.data.compat import check_store
-    from fvlm.runtime import autocast_context, resolve_device
-    from fvlm.zeroshot import anatomy_embeddings
-
     root = Path(data)
     dev = resolve_device(device)
     model, cfg, table = load_model(checkpoint, dev)
     ckpt = model.source
     check_store(cfg, table, root)
-    global_mode = cfg.loss.mode == "global"
-    anatomies = [GLOBAL] if global_mode else list(table.names)
+    aligned = alignment(cfg, table)
+    anatomies = list(aligned.names)
+    reports = aligned.texts == TEXTS_REPORT
 
     volumes, image = anatomy_embeddings(model, cfg, table, root, split, dev, batch_size)  # (N, A, E)
-    rows = volume_texts(volumes, anatomies, root, split, global_mode, texts, rule=cfg.data.text_rule)
+    rows = volume_texts(volumes, anatomies, root, split, reports, texts, rule=cfg.data.text_rule)
     unique = sorted({t for row in rows for t in row if t})
     index = {t: i for i, t in enumerate(unique)}
     log.info("encoding %d distinct texts of %d volumes x %d anatomies", len(unique), len(volumes), len(anatomies))
@@ -123,8 +126,7 @@ def embed(checkpoint: str | Path, data: str | Path, split: str = "valid", out: s
         counts[a] = int(valid.sum())
     metadata = {"volumes": json.dumps(volumes), "anatomies": json.dumps(anatomies), "checkpoint": str(ckpt),
                 "split": split, "mode": cfg.loss.mode, "embed_dim": str(e),
-                "texts": "whole report (findings + impression)" if global_mode
-                else "anatomy texts, released rule (fvlm.text.anatomy_text)"}
+                "texts": _TEXTS_METADATA.get(aligned.texts, "anatomy texts, released rule (fvlm.text.anatomy_text)")}
     out = Path(out)
     with atomic_path(out, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -19,7 +19,6 @@ The folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -28,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 
 from fvlm import __version__
-from fvlm.anatomy import AnatomyTable
+from fvlm.anatomy import AnatomyTable, alignment
 from fvlm.checkpoint import (
     CONFIG,
     FORMAT_VERSION,
@@ -106,8 +106,6 @@ def model_card(cfg: Config, table: AnatomyTable, ckpt: Path, name: str, license:
                datasets: list[str], metrics: dict[str, Any] | None, metrics_source: str, text_info: dict[str, Any],
                base_model: str = "") -> str:
     """README.md text with YAML metadata (``huggingface_hub.ModelCardData``) and the sections a reader needs."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     data = ModelCardData(license=license, library_name="fvlm", tags=list(TAGS), datasets=datasets or None,
                          pipeline_tag="zero-shot-classification", base_model=base_model or None)
     v, t = cfg.model.vision, text_info
@@ -125,8 +123,8 @@ def model_card(cfg: Config, table: AnatomyTable, ckpt: Path, name: str, license:
                          f"{t.get('vocab_size')}, pooling {cfg.model.text.pooling}, max length "
                          f"{cfg.model.text.max_length}"),
         ("text model it started from", f"`{started}`"),
-        ("embedding", f"{cfg.model.embed_dim}, " + ("one per anatomy" if cfg.loss.mode == "anatomy"
-                                                    else "one per volume (global baseline)")),
+        ("embedding", f"{cfg.model.embed_dim}, " + ("one per volume (global baseline)"
+                                                    if alignment(cfg, table).whole_crop else "one per anatomy")),
         ("loss", f"{cfg.loss.mode}; normal samples as positives: {cfg.loss.normal_positives}; identical texts as "
                  f"positives: {cfg.loss.same_text_positives}"),
         ("training", (f"{step} optimizer steps, " if step else "") + f"batch {cfg.train.batch_size} per process, "
@@ -270,13 +268,6 @@ def export(run: str | Path, out: str | Path, metrics: str | Path | None = None, 
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.info("exported %s -> %s (%.1f MB; load with fvlm.load(%r))", ckpt, out, size / 1e6, str(out))
     return out
-
-
-def run_export_cli(args: argparse.Namespace) -> int:
-    """``fvlm export``."""
-    export(args.run, args.out, metrics=args.metrics or None, training_data=args.training_data,
-           datasets=args.dataset, license=args.license, name=args.name, overwrite=args.force)
-    return 0
 
 
 __all__ = ["export", "find_metrics", "hf_config", "metrics_table", "model_card", "save_pretrained_folder"]

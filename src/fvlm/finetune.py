@@ -50,7 +50,7 @@ from torch import nn
 
 from fvlm import distributed as dist
 from fvlm import engine
-from fvlm.anatomy import AnatomyTable
+from fvlm.anatomy import AnatomyTable, alignment
 from fvlm.checkpoint import load_model, load_run_config, resolve_checkpoint
 from fvlm.config import Config, apply_overrides, config_from_dict
 from fvlm.data import store
@@ -59,9 +59,9 @@ from fvlm.finetune_data import FinetuneDataset, collate, prepare_labels
 from fvlm.io import atomic_write_text
 from fvlm.model.fvlm import _NO_DECAY_NAMES, FVLM, load_weights
 from fvlm.paths import safe_component
-from fvlm.probe import GLOBAL, label_anatomies, scores_frame, write_scores
+from fvlm.plots import plot_loss
+from fvlm.probe import label_anatomies, scores_frame, write_scores
 from fvlm.runtime import autocast_context, resolve_device, seed_torch
-from fvlm.train import plot_loss
 from fvlm.zeroshot import anatomy_embeddings
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def select_matrix(spec: FinetuneSpec, anatomy_names: list[str]) -> torch.Tensor:
 
 
 def model_anatomies(cfg: Config, table: AnatomyTable) -> list[str]:
-    return [GLOBAL] if cfg.loss.mode == "global" else list(table.names)
+    return list(alignment(cfg, table).names)
 
 
 def layer_decay_groups(model: FinetuneModel, lr: float, weight_decay: float, layer_decay: float,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fvlm.anatomy import AnatomyTable
+from fvlm.anatomy import AnatomyTable, alignment
 from fvlm.config import Config
 from fvlm.data import store
 from fvlm.labels import order_labels, read_label_table
@@ -64,8 +64,8 @@ class FinetuneDataset(torch.utils.data.Dataset):
             else:  # smaller than the crop: padded, the volume kept inside the window
                 st = min(max(st, shape[ax] - size[ax]), 0)
             start.append(st)
-        # global mode: the one "anatomy" is the whole crop (a mask of ones), as in pre-training and zero-shot
-        return CropSpec(volume, -1 if self.cfg.loss.mode == "global" else 0, tuple(start), size)
+        # the global baseline's one entry is the whole crop (a mask of ones), as in pre-training and zero-shot
+        return CropSpec(volume, -1 if alignment(self.cfg, self.table).whole_crop else 0, tuple(start), size)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         index, epoch = key

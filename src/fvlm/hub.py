@@ -16,6 +16,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from transformers.utils import logging as tlog
+
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -44,8 +47,6 @@ def offline() -> bool:
 def snapshot(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
              local_files_only: bool | None = None, token: str | bool | None = None) -> Path:
     """Local folder of a Hub model (cached snapshot; downloaded only when online and allowed)."""
-    from huggingface_hub import snapshot_download
-
     cache = Path(cache_dir) if cache_dir else hub_cache_dir()
     local_only = offline() if local_files_only is None else local_files_only
     try:
@@ -66,11 +67,6 @@ def quiet_transformers() -> Iterator[None]:
 
     fvlm reports what matters itself in one log line (e.g. how many checkpoint tensors were unused).
     """
-    try:
-        from transformers.utils import logging as tlog
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        yield
-        return
     level = tlog.get_verbosity()
     bars = tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()

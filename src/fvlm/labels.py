@@ -32,6 +32,11 @@ CT_RATE_LABELS: tuple[str, ...] = (
 )
 
 
+def volume_key(name: str) -> str:
+    """``valid_1_a_1.nii.gz`` -> ``valid_1_a_1`` (the key label and score CSVs are matched on)."""
+    return str(name).strip().removesuffix(".nii.gz").removesuffix(".nii")
+
+
 def read_label_table(paths: str | Path | Sequence[str | Path], columns: Sequence[str] | None = None
                      ) -> pd.DataFrame:
     """Read one or more label CSVs keyed by ``VolumeName`` into a float frame indexed by volume key.
@@ -45,10 +50,10 @@ def read_label_table(paths: str | Path | Sequence[str | Path], columns: Sequence
 
     The index holds volume keys (``train_1_a_1``: ``.nii.gz``/``.nii`` stripped, as :mod:`fvlm.metrics` matches).
     """
+    # numpy and pandas here, not at the top: fvlm.anatomy (hence every command) imports this module for the label
+    # names, and pandas costs ~0.3 s (measured) that only this reader needs
     import numpy as np
     import pandas as pd
-
-    from fvlm.metrics import volume_key
 
     if isinstance(paths, (str, Path)):
         paths = [p for p in str(paths).split(",") if p.strip()]

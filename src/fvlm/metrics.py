@@ -28,42 +28,39 @@ worse than a crash); label rows without scores are ignored and their count is lo
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from fvlm.io import atomic_path, atomic_write_text
-from fvlm.labels import CT_RATE_LABELS
+from fvlm.io import atomic_write_text
+from fvlm.labels import CT_RATE_LABELS, volume_key
+from fvlm.metric_rules import (
+    COMPARISONS,
+    METRIC_KEYS,
+    THRESHOLDS,
+    bootstrap_counts,
+    bootstrap_samples,
+    label_metrics,
+    percentile_ci,
+    predict,
+    resampled_metrics,
+    roc_corner_threshold,
+)
 
 log = logging.getLogger(__name__)
-
-THRESHOLDS: np.ndarray = np.linspace(0.0, 1.0, 100)
-"""The protocol's candidate thresholds (100 evenly spaced in [0, 1], both ends included)."""
-
-METRIC_KEYS: tuple[str, ...] = ("auc", "acc", "sens", "spec", "f1", "precision")
-"""Metrics averaged into the macro row."""
 
 LABEL_KEYS: tuple[str, ...] = (*METRIC_KEYS, "threshold", "n", "positives")
 """Keys of each per-label entry (more when bootstrap / macro-F1 are requested)."""
 
 MISSING_POLICIES = ("zero", "drop")
-COMPARISONS = (">", ">=")
 _MAX_NAMES = 5  # volume names shown in an error message
-
-
-def volume_key(name: str) -> str:
-    """``valid_1_a_1.nii.gz`` -> ``valid_1_a_1`` (the key both CSVs are matched on)."""
-    return str(name).strip().removesuffix(".nii.gz").removesuffix(".nii")
 
 
 # ------------------------------------------------------------------------------------------ alignment
@@ -171,195 +168,64 @@ def _column(data: _Aligned, j: int, missing: str) -> tuple[np.ndarray, np.ndarra
     return s[keep], y[keep]
 
 
-# ------------------------------------------------------------------------------------------ core rules
-def _count_predicted(sorted_scores: np.ndarray, thresholds: np.ndarray, comparison: str) -> np.ndarray:
-    """Number of ``sorted_scores`` predicted positive at each threshold: (T,) int."""
-    side = "right" if comparison == ">" else "left"
-    return len(sorted_scores) - np.searchsorted(sorted_scores, thresholds, side=side)
-
-
-def roc_corner_threshold(scores: np.ndarray, truth: np.ndarray, *, comparison: str = ">",
-                         thresholds: np.ndarray = THRESHOLDS) -> float:
-    """The protocol's threshold: argmin over ``thresholds`` of ``sqrt((1-TPR)^2 + FPR^2)``, ties -> largest.
-
-    ``scores`` (n,) probabilities, ``truth`` (n,) in {0, 1}; a volume is predicted positive when
-    ``score > threshold`` (``comparison=">"``, the released rule) or ``score >= threshold``. When a class
-    is absent its rate term is taken as 0 (nothing to miss), so a label without positives gets the
-    largest threshold and one without negatives the smallest.
-    """
-    if comparison not in COMPARISONS:
-        raise ValueError(f"comparison must be one of {COMPARISONS}, got {comparison!r}")
-    truth = np.asarray(truth).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    pos, neg = np.sort(scores[truth]), np.sort(scores[~truth])
-    n_pos, n_neg = len(pos), len(neg)
-    # Compare squared distances times (P * N)^2 = (FN * N)^2 + (FP * P)^2 in exact integers: rate pairs that
-    # are mathematically equal (FN/P = 1/3 vs FP/N = 1/3) tie exactly instead of by float rounding, and no
-    # float tolerance can merge distinct distances. Python ints (object arrays) once int64 could overflow.
-    dtype = np.int64 if max(n_pos, n_neg, 1) ** 4 < 2**61 else object
-    fn = (n_pos - _count_predicted(pos, thresholds, comparison)).astype(dtype)
-    fp = _count_predicted(neg, thresholds, comparison).astype(dtype)
-    if n_pos and n_neg:
-        key = (fn * n_neg) ** 2 + (fp * n_pos) ** 2
-    else:  # a class is absent: its rate term is 0
-        key = fp**2 if n_neg else fn**2
-    best = np.flatnonzero(key == key.min())[-1]
-    return float(thresholds[best])
-
-
-def predict(scores: np.ndarray, threshold: float, comparison: str = ">") -> np.ndarray:
-    """Binary predictions (n,) int8: ``score > threshold`` (or ``>=``)."""
-    if comparison not in COMPARISONS:
-        raise ValueError(f"comparison must be one of {COMPARISONS}, got {comparison!r}")
-    return (scores > threshold if comparison == ">" else scores >= threshold).astype(np.int8)
-
-
-def label_metrics(scores: np.ndarray, truth: np.ndarray, threshold: float, *, comparison: str = ">",
-                  macro_f1: bool = False) -> dict[str, float]:
-    """Protocol metrics of one label at a given threshold (sklearn for AUC, F1, precision, accuracy).
-
-    ``scores`` (n,) probabilities, ``truth`` (n,) in {0, 1}. Undefined values are NaN: AUC with a single
-    class, sensitivity without positives, specificity without negatives. Precision without predicted
-    positives is 0 (sklearn's ``zero_division`` value, as the protocol gets it).
-    """
-    from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
-
-    n, positives = len(truth), int(np.sum(truth))
-    out: dict[str, float] = {key: math.nan for key in METRIC_KEYS}
-    out.update(threshold=float(threshold), n=n, positives=positives)
-    if macro_f1:
-        out["f1_macro"] = math.nan
-    if n == 0:
-        return out
-    pred = predict(scores, threshold, comparison)
-    if 0 < positives < n:
-        out["auc"] = float(roc_auc_score(truth, scores))
-    tp = int(np.sum((pred == 1) & (truth == 1)))
-    tn = int(np.sum((pred == 0) & (truth == 0)))
-    out["sens"] = tp / positives if positives else math.nan
-    out["spec"] = tn / (n - positives) if n - positives else math.nan
-    out["acc"] = float(accuracy_score(truth, pred))
-    out["f1"] = float(f1_score(truth, pred, average="weighted", zero_division=0.0))
-    out["precision"] = float(precision_score(truth, pred, zero_division=0.0))
-    if macro_f1:
-        out["f1_macro"] = float(f1_score(truth, pred, average="macro", labels=[0, 1], zero_division=0.0))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ bootstrap
-def _ci(samples: np.ndarray) -> list[float] | None:
-    """Percentile 95 % interval of bootstrap samples, ignoring undefined (NaN) resamples."""
-    finite = samples[np.isfinite(samples)]
-    if finite.size == 0:
-        return None
-    lo, hi = np.percentile(finite, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def resampled_metrics(scores: np.ndarray, truth: np.ndarray, counts: np.ndarray, *, threshold: float | None = None,
-                      comparison: str = ">") -> dict[str, np.ndarray]:
-    """Protocol metrics of one label on B bootstrap resamples at once, given as multiplicities.
-
-    Args:
-        scores: (n,) probabilities; truth: (n,) labels in {0, 1}.
-        counts: (B, n) int, how often each volume is drawn in each resample.
-        threshold: a fixed threshold, or None to refit the ROC-corner threshold on every resample (same rule,
-            exact ties, as :func:`roc_corner_threshold`).
-
-    Returns:
-        ``{"auc", "acc", "sens", "spec", "f1", "precision", "f1_macro"}``: (B,) float64, NaN where undefined.
-        Equal to :func:`label_metrics` on the expanded resample (tested), but one sort per label instead of
-        one per resample: scores are grouped by distinct value and every count becomes a cumulative sum.
-    """
-    order = np.argsort(scores, kind="stable")
-    s, pos = np.asarray(scores, dtype=np.float64)[order], np.asarray(truth).astype(bool)[order]
-    w = np.asarray(counts, dtype=np.int64).T[order]  # (n, B): row gathers and axis-0 cumsums are contiguous
-    n_boot = w.shape[1]
-    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # last index of each distinct score
-    values = s[ends]
-    zero = np.zeros((1, n_boot), dtype=np.int64)
-    cum_p = np.cumsum(w * pos[:, None], axis=0)
-    cp = np.concatenate([zero, cum_p[ends]])  # (G + 1, B): positives scoring below distinct value g
-    cn = np.concatenate([zero, (np.cumsum(w, axis=0) - cum_p)[ends]])
-    gp, gn = np.diff(cp, axis=0), np.diff(cn, axis=0)  # (G, B) per distinct value
-    n_pos, n_neg = cp[-1], cn[-1]
-    side = "right" if comparison == ">" else "left"  # groups [cut:] are predicted positive
-    if threshold is None:
-        cut = np.searchsorted(values, THRESHOLDS, side=side)  # (T,)
-        fn_t, fp_t = cp[cut], n_neg - cn[cut]  # (T, B)
-        if len(s) ** 4 >= 2**62:  # int64 could overflow: exact Python ints
-            fn_t, fp_t = fn_t.astype(object), fp_t.astype(object)
-        key = np.where((n_pos > 0) & (n_neg > 0), (fn_t * n_neg) ** 2 + (fp_t * n_pos) ** 2,
-                       np.where(n_neg > 0, fp_t**2, fn_t**2))
-        best = len(THRESHOLDS) - 1 - np.argmin(key[::-1], axis=0)  # last minimum = largest threshold
-        cut_b = cut[best]
-    else:
-        cut_b = np.full(n_boot, np.searchsorted(values, threshold, side=side))
-    rows = np.arange(n_boot)
-    fn, tn = cp[cut_b, rows], cn[cut_b, rows]
-    tp, fp = n_pos - fn, n_neg - tn
-    total = n_pos + n_neg
-    with np.errstate(divide="ignore", invalid="ignore"):  # undefined -> NaN, as label_metrics
-        f1_pos = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
-        f1_neg = np.where(tn + fp + fn > 0, 2 * tn / (2 * tn + fp + fn), 0.0)
-        return {
-            "auc": (gp * (cn[:-1] + 0.5 * gn)).sum(axis=0) / (n_pos * n_neg),  # Mann-Whitney, ties 1/2
-            "acc": (tp + tn) / total,
-            "sens": tp / n_pos,
-            "spec": tn / n_neg,
-            "f1": (n_pos * f1_pos + n_neg * f1_neg) / total,
-            "precision": np.where(tp + fp > 0, tp / (tp + fp), 0.0),
-            "f1_macro": (f1_pos + f1_neg) / 2,
-        }
-
-
-def bootstrap_counts(rng: np.random.Generator, n_volumes: int, n_boot: int) -> np.ndarray:
-    """(n_boot, n_volumes) int64 multiplicities of ``n_boot`` resamples of the volumes with replacement."""
-    idx = rng.integers(0, n_volumes, size=(n_boot, n_volumes))
-    flat = idx + n_volumes * np.arange(n_boot)[:, None]
-    return np.bincount(flat.ravel(), minlength=n_boot * n_volumes).reshape(n_boot, n_volumes)
-
-
-_BOOT_BLOCK = 128  # resamples per block: bounds memory at (128, N) per array
-
-
-def _bootstrap(data: _Aligned, missing: str, fixed: dict[str, float] | None, comparison: str, keys: Sequence[str],
-               n_boot: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Resample volumes with replacement ``n_boot`` times (the same resamples for every label).
-
-    Returns per-label AUC samples (n_boot, L) and macro samples {key: (n_boot,)}. The threshold is refitted on
-    every resample when it is fitted on the evaluated labels (it is part of the estimator), and kept fixed
-    when it comes from another split.
-    """
-    rng = np.random.default_rng(seed)
-    n_vol, n_lab = data.scores.shape
-    per = {key: np.full((n_boot, n_lab), np.nan) for key in keys}
-    with tqdm(total=n_boot, desc="bootstrap", unit="resample", disable=n_boot < 1000, leave=False) as bar:
-        for start in range(0, n_boot, _BOOT_BLOCK):
-            stop = min(n_boot, start + _BOOT_BLOCK)
-            counts = bootstrap_counts(rng, n_vol, stop - start)
-            for j, label in enumerate(data.labels):
-                s, y = data.scores[:, j], data.truth[:, j]
-                c = counts
-                if missing == "zero":
-                    s = np.nan_to_num(s, nan=0.0)
-                else:
-                    keep = ~np.isnan(s)
-                    s, y, c = s[keep], y[keep], counts[:, keep]
-                if len(s) == 0:
-                    continue
-                res = resampled_metrics(s, y, c, threshold=None if fixed is None else fixed[label],
-                                        comparison=comparison)
-                for key in keys:
-                    per[key][start:stop, j] = res[key]
-            bar.update(stop - start)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: degenerate resamples
-        macro = {key: np.nanmean(per[key], axis=1) for key in keys}
-    return per["auc"], macro
+def label_columns(scores_df: pd.DataFrame, labels_df: pd.DataFrame, *, missing: str = "zero",
+                  sources: tuple[str, str] = ("scores", "labels")
+                  ) -> tuple[int, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """The matched volumes' count and, per scored label, (label, scores, truth) after the missing-score policy
+    (what the ROC curves of :func:`fvlm.plots.plot_roc` draw; nothing is logged: compute_metrics reports)."""
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
+    data = _align(scores_df, labels_df, sources, quiet=True)
+    return len(data.volumes), [(label, *_column(data, j, missing)) for j, label in enumerate(data.labels)]
 
 
 # ------------------------------------------------------------------------------------------ public API
+@dataclass
+class Metrics(Mapping):
+    """The result of :func:`compute_metrics` (``fvlm metrics --json`` writes :meth:`to_json`).
+
+    Read as attributes or, like the dictionary it replaces, by key (``metrics["macro"]["auc"]``).
+
+    Attributes:
+        labels: {label: {auc, acc, sens, spec, f1, precision, threshold, n, positives[, f1_macro][, auc_ci95]}}.
+        macro: {auc, acc, sens, spec, f1, precision, n_labels[, f1_macro][, <key>_ci95]}.
+        scored, unscored: the CT-RATE labels scored, and the others.
+        missing: {label: missing scores}. policy: the rules applied (and the files, from the command line).
+    """
+
+    labels: dict[str, dict[str, Any]]
+    macro: dict[str, Any]
+    scored: list[str]
+    unscored: list[str]
+    missing: dict[str, int]
+    policy: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    @classmethod
+    def _keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._keys()}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Strict JSON text (undefined values as ``null``); written atomically to ``path`` when given."""
+        text = metrics_to_json(self)
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
@@ -376,7 +242,7 @@ def compute_metrics(
     seed: int = 0,
     comparison: str = ">",
     sources: tuple[str, str] = ("scores", "labels"),
-) -> dict[str, Any]:
+) -> Metrics:
     """Per-label and macro metrics of zero-shot scores against CT-RATE labels.
 
     Args:
@@ -392,10 +258,7 @@ def compute_metrics(
         sources: names (e.g. file paths) used in error messages.
 
     Returns:
-        ``{"labels": {label: {auc, acc, sens, spec, f1, precision, threshold, n, positives[, f1_macro]
-        [, auc_ci95]}}, "macro": {auc, acc, sens, spec, f1, precision, n_labels[, f1_macro][, <key>_ci95]},
-        "scored": [...], "unscored": [...], "missing": {label: count}, "policy": {...}}``. Undefined values are
-        NaN (``null`` in JSON); macro means skip them.
+        :class:`Metrics`. Undefined values are NaN (``null`` in JSON); macro means skip them.
     """
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
@@ -440,11 +303,12 @@ def compute_metrics(
     macro["n_labels"] = len(per_label)
 
     if bootstrap:
-        auc_samples, macro_samples = _bootstrap(data, missing, fixed, comparison, keys, bootstrap, seed)
+        auc_samples, macro_samples = bootstrap_samples(data.scores, data.truth, data.labels, missing, fixed, comparison,
+                                                       keys, bootstrap, seed)
         for j, label in enumerate(data.labels):
-            per_label[label]["auc_ci95"] = _ci(auc_samples[:, j])
+            per_label[label]["auc_ci95"] = percentile_ci(auc_samples[:, j])
         for key in keys:
-            macro[f"{key}_ci95"] = _ci(macro_samples[key])
+            macro[f"{key}_ci95"] = percentile_ci(macro_samples[key])
 
     total_missing = sum(missing_counts.values())
     if total_missing:
@@ -464,19 +328,14 @@ def compute_metrics(
         "n_volumes": len(data.volumes),
         "label_rows_without_scores": data.label_rows_unscored,
     }
-    return {
-        "labels": per_label,
-        "macro": macro,
-        "scored": list(data.labels),
-        "unscored": [label for label in CT_RATE_LABELS if label not in data.labels],
-        "missing": missing_counts,
-        "policy": policy,
-    }
+    return Metrics(labels=per_label, macro=macro, scored=list(data.labels),
+                   unscored=[label for label in CT_RATE_LABELS if label not in data.labels], missing=missing_counts,
+                   policy=policy)
 
 
 def _json_clean(obj: Any) -> Any:
     """NaN/inf -> None and numpy scalars -> Python, so the JSON is strict (``allow_nan=False``)."""
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {str(k): _json_clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_clean(v) for v in obj]
@@ -488,7 +347,7 @@ def _json_clean(obj: Any) -> Any:
 
 
 def metrics_to_json(metrics: Mapping[str, Any]) -> str:
-    """Strict JSON text of a metrics dict (undefined values as ``null``)."""
+    """Strict JSON text of :class:`Metrics` or a dictionary of them (undefined values as ``null``)."""
     return json.dumps(_json_clean(metrics), indent=2, allow_nan=False) + "\n"
 
 
@@ -535,100 +394,6 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_roc(scores_df: pd.DataFrame, labels_df: pd.DataFrame, path: str | Path, *, missing: str = "zero",
-             title: str = "Zero-shot ROC curves", sources: tuple[str, str] = ("scores", "labels")) -> Path:
-    """Write the ROC curves of all scored labels in one PNG (legend with AUCs, chance diagonal), atomically.
-
-    Uses matplotlib's Agg canvas directly (no pyplot state, no display needed). Labels with a single class
-    have no ROC curve and are listed in the legend as undefined.
-    """
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    if missing not in MISSING_POLICIES:
-        raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
-    data = _align(scores_df, labels_df, sources, quiet=True)  # compute_metrics already reported
-    fig = Figure(figsize=(8, 7), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    cmap = matplotlib.colormaps["tab20"]  # 16 labels: distinct colours
-    for j, label in enumerate(data.labels):
-        s, y = _column(data, j, missing)
-        if len(s) == 0 or not 0 < int(y.sum()) < len(y):
-            ax.plot([], [], color=cmap(j % 20), label=f"{label} (AUC undefined)")
-            continue
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, color=cmap(j % 20), linewidth=1.2, label=f"{label} ({roc_auc_score(y, s):.3f})")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance (0.500)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_aspect("equal")
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title(f"{title} ({len(data.volumes)} volumes, missing={missing})")
-    ax.grid(color="lightgrey", linewidth=0.5)
-    ax.legend(loc="lower right", fontsize=7, title="label (AUC)", title_fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    log.info("wrote ROC curves to %s", path)
-    return path
-
-
-def _read_csv(path: str | Path, what: str) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} CSV not found: {path}")
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} CSV {path}: not a readable CSV ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]})") from None
-
-
-def run_metrics_cli(args: argparse.Namespace) -> int:
-    """``fvlm metrics``: metrics of a scores CSV against a labels CSV, and/or retrieval from an embeddings file.
-
-    Uses ``args.scores``, ``args.labels``, ``args.json``, ``args.plot``, ``args.thresholds_from`` (None or
-    [SCORES, LABELS]), ``args.bootstrap``, ``args.macro_f1``, ``args.missing``, ``args.seed``,
-    ``args.retrieval``. With ``--retrieval`` alone, the scores CSV and ``--labels`` may be omitted.
-    The table goes to the log; ``--json`` gets everything (retrieval under the key ``retrieval``).
-    """
-    scores_path, labels_path = getattr(args, "scores", None), getattr(args, "labels", None)
-    retrieval_path = getattr(args, "retrieval", None)
-    if scores_path is None and retrieval_path is None:
-        raise ValueError("fvlm metrics needs a scores CSV with --labels, or --retrieval EMBEDDINGS")
-    if scores_path is not None and labels_path is None:
-        raise ValueError("--labels is required with a scores CSV")
-    if scores_path is None and (labels_path or args.plot or args.thresholds_from):
-        raise ValueError("--labels, --plot and --thresholds-from need a scores CSV")
-
-    result: dict[str, Any] = {}
-    if scores_path is not None:
-        scores_df = _read_csv(scores_path, "scores")
-        labels_df = _read_csv(labels_path, "labels")
-        source = None
-        if args.thresholds_from:
-            fit_scores, fit_labels = args.thresholds_from
-            source = (_read_csv(fit_scores, "threshold scores"), _read_csv(fit_labels, "threshold labels"))
-        result = compute_metrics(scores_df, labels_df, missing=args.missing, threshold_source=source,
-                                 bootstrap=args.bootstrap, macro_f1=args.macro_f1, seed=args.seed,
-                                 sources=(str(scores_path), str(labels_path)))
-        result["policy"]["files"] = {"scores": str(scores_path), "labels": str(labels_path),
-                                     "thresholds_from": list(map(str, args.thresholds_from or [])) or None}
-        log.info("zero-shot metrics of %s\n%s", scores_path, format_table(result))
-        if args.plot:
-            plot_roc(scores_df, labels_df, args.plot, missing=args.missing,
-                     sources=(str(scores_path), str(labels_path)))
-    if retrieval_path is not None:
-        from fvlm.retrieval import format_retrieval_table, retrieval_from_file
-
-        result["retrieval"] = retrieval_from_file(retrieval_path)
-        log.info("retrieval of %s\n%s", retrieval_path, format_retrieval_table(result["retrieval"]))
-    if args.json:
-        atomic_write_text(args.json, metrics_to_json(result))
-        log.info("wrote metrics to %s", args.json)
-    return 0
+__all__ = ["COMPARISONS", "LABEL_KEYS", "METRIC_KEYS", "MISSING_POLICIES", "THRESHOLDS", "Metrics", "bootstrap_counts",
+           "compute_metrics", "format_table", "label_columns", "label_metrics", "metrics_to_json", "predict",
+           "resampled_metrics", "roc_corner_threshold", "scored_labels", "volume_key"]

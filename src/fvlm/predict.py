@@ -32,29 +32,28 @@ Input policies (also in docs/predict.md):
 - label map / scan geometry mismatch: refused, naming both files and the difference;
 - values that do not look like HU (no voxel below -500): a warning (raw stored values need the DICOM rescale).
 
+Modules: the result type :mod:`fvlm.prediction`, the warnings :mod:`fvlm.predict_checks`, TotalSegmentator and the
+label-map check :mod:`fvlm.scan_labels`, the picture :func:`fvlm.plots.save_overlay`.
+
 Probabilities are the model's zero-shot prompt scores (``softmax([sim(not X), sim(X)] / temperature)``), not
 calibrated risks; thresholds come from ``fvlm metrics`` on labelled data.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fvlm.anatomy import AnatomyTable
+from fvlm.anatomy import Anatomy, AnatomyTable, alignment
+from fvlm.checkpoint import load_model
 from fvlm.config import Config
-from fvlm.data.dicom import DicomSeries, check_slice_positions, list_dicom_series, read_dicom_series, read_image
+from fvlm.data.dicom import read_image
+from fvlm.data.labelmap import align_label, class_ids
 from fvlm.data.prepare import prepare_arrays
 from fvlm.data.store import Geometry, ProcessedVolume
 from fvlm.data.volume import (
@@ -63,11 +62,13 @@ from fvlm.data.volume import (
     is_oblique,
     obliquity_degrees,
     orientation_code,
-    read_nifti,
     reorient_lps,
     resample_axis_aligned,
 )
-from fvlm.io import atomic_path, atomic_write_text
+from fvlm.predict_checks import coverage_warnings, input_warnings
+from fvlm.prediction import Prediction, finite_or_none
+from fvlm.runtime import autocast_context, resolve_device
+from fvlm.scan_labels import segment_scan
 from fvlm.zeroshot import (
     CropSpec,
     prompt_probabilities,
@@ -79,18 +80,11 @@ from fvlm.zeroshot import (
 
 log = logging.getLogger(__name__)
 
-#: warn when the scan's z extent is less than this fraction of the training crop's depth in mm
-MIN_Z_COVERAGE = 0.5
-#: a CT in HU has air (about -1000) around the body; no voxel below this suggests values that are not HU
-AIR_HU = -500.0
-#: anatomies a complete chest CT images whole: cut by the scan's top or bottom -> a warning
-WHOLE_IN_CHEST_CT = ("lung", "heart")
 # the 6 faces of an LPS (z, y, x) array: (name, axis, index)
 _FACES = (("inferior", 0, 0), ("superior", 0, -1), ("anterior", 1, 0), ("posterior", 1, -1),
           ("right", 2, 0), ("left", 2, -1))
 
 
-# ----------------------------------------------------------------------------------------------- geometry
 def _border_anatomies(label: SourceVolume, table: AnatomyTable) -> dict[str, list[str]]:
     """{anatomy: [faces of the scan it touches]} for anatomies cut by the scan's border (LPS face names)."""
     lab = reorient_lps(label).array
@@ -102,88 +96,17 @@ def _border_anatomies(label: SourceVolume, table: AnatomyTable) -> dict[str, lis
     return out
 
 
-# ----------------------------------------------------------------------------------------------- result
-def _finite(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-@dataclass
-class Prediction:
-    """The result for one scan.
-
-    Attributes:
-        probabilities: {label: probability of the positive prompt, or None when its anatomy is missing}, in the
-            anatomy table's prompt order.
-        labels: {label: {"anatomy", "probability", "status" ("scored" | "anatomy missing")}}.
-        anatomies: {anatomy: {"found", "voxels" (input grid), "voxels_processed", "cut_by_scan_border" [faces],
-            "bbox_processed" [z0, z1, y0, y1, x0, x1]}}.
-        warnings: everything the user should know about this input (also logged).
-        preprocessing: input geometry and orientation, what was applied (reorientation, oblique resampling,
-            target spacing, window, crop, padding) and the evaluation crops.
-        source, model, timing: what was read, which checkpoint scored it, seconds per stage.
-        image, mask: the processed volume (int16 HU (D, H, W), LPS, ``data.spacing``) and anatomy mask (uint8),
-            for plotting; not part of :meth:`to_dict`.
-    """
-
-    probabilities: dict[str, float | None]
-    labels: dict[str, dict[str, Any]]
-    anatomies: dict[str, dict[str, Any]]
-    warnings: list[str]
-    preprocessing: dict[str, Any]
-    source: dict[str, Any]
-    model: dict[str, Any]
-    timing: dict[str, float] = field(default_factory=dict)
-    unscored: list[str] = field(default_factory=list)
-    image: np.ndarray | None = field(default=None, repr=False)
-    mask: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def found(self) -> list[str]:
-        return [a for a, v in self.anatomies.items() if v["found"]]
-
-    @property
-    def missing(self) -> list[str]:
-        return [a for a, v in self.anatomies.items() if not v["found"]]
-
-    def top(self, n: int = 5) -> list[tuple[str, str, float]]:
-        """The ``n`` highest-scoring labels as (label, anatomy, probability)."""
-        scored = [(k, v["anatomy"], v["probability"]) for k, v in self.labels.items() if v["probability"] is not None]
-        return sorted(scored, key=lambda t: -t[2])[:n]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary (no NaN: a missing value is ``null``)."""
-        from fvlm import __version__
-
-        return {
-            "fvlm_version": __version__,
-            "source": self.source,
-            "model": self.model,
-            "probabilities": self.probabilities,
-            "labels": self.labels,
-            "unscored": self.unscored,
-            "anatomies": self.anatomies,
-            "found": self.found,
-            "missing": self.missing,
-            "warnings": self.warnings,
-            "preprocessing": self.preprocessing,
-            "timing": {k: round(v, 4) for k, v in self.timing.items()},
-            "note": "zero-shot prompt scores of a research model (softmax over 'Not X.' / 'X.'), not calibrated "
-                    "risks and not a diagnosis",
-        }
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The JSON text; written atomically to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        if path is not None:
-            atomic_write_text(path, text)
-        return text
-
-    def save_png(self, path: str | Path, top: int = 6) -> None:
-        """Axial and coronal slices through the anatomies' centre with anatomy contours, and the top findings."""
-        save_overlay(self, path, top=top)
-
-
 # ----------------------------------------------------------------------------------------------- the model
+#: how prediction JSONs name the whole-crop entry (the global baseline's one anatomy, fvlm.anatomy.GLOBAL_ANATOMY;
+#: kept as written since the first release)
+WHOLE_VOLUME = "whole volume"
+
+
+def _shown(entry: Anatomy) -> str:
+    """The name of an entry of the model's table in a prediction."""
+    return WHOLE_VOLUME if entry.whole_crop else entry.name
+
+
 class Predictor:
     """A trained model ready to score scans. Build with :func:`load`.
 
@@ -199,7 +122,7 @@ class Predictor:
                  checkpoint: str = ""):
         self.model, self.cfg, self.table, self.device = model, cfg, table, device
         self.checkpoint = checkpoint
-        self.global_mode = cfg.loss.mode == "global"
+        self.alignment = alignment(cfg, table)  # what the model aligns: the table's anatomies, or the whole crop
         self._prompt_features: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ entry points
@@ -230,12 +153,10 @@ class Predictor:
             label = segment_scan(image, scan, info, self.table, totalseg_cmd, totalseg_fast, totalseg_device, save_mask)
             timing["segment"] = time.perf_counter() - t0
             segmentation = {"method": "TotalSegmentator", "label_map": str(save_mask) if save_mask else None}
-        from fvlm.data.labelmap import align_label
-
         label = align_label(image, label, label_name=f"label map {mask or '(TotalSegmentator output)'}",
                             image_name=f"scan {scan}")
         try:
-            label = SourceVolume(_label_uint8(label.array), label.geometry)
+            label = SourceVolume(class_ids(label.array), label.geometry)
         except ValueError as e:
             raise ValueError(f"label map {mask or '(TotalSegmentator output)'}: {e}") from None
         try:
@@ -278,9 +199,8 @@ class Predictor:
             warnings.append(msg)
             log.warning("%s", msg)
 
-        if image.array.size and image.array.min() == image.array.max():
-            warn(f"the scan {source.get('path') or ''} is constant (every voxel {image.array.flat[0]}): not a CT "
-                 f"scan, or an empty export; the findings mean nothing")
+        for msg in input_warnings(image, source):
+            warn(msg)
 
         t0 = time.perf_counter()
         g = image.geometry
@@ -288,14 +208,7 @@ class Predictor:
         input_info = {"shape": shape_zyx, "shape_xyz": list(image.shape_xyz), **g.to_dict(),
                       "orientation": orientation_code(g.direction),
                       "oblique_degrees": round(obliquity_degrees(g.direction), 3)}
-        if source.get("format") == "dicom" and source.get("modality") and source["modality"] != "CT":
-            warn(f"DICOM modality is {source['modality']!r}, not CT: the model was trained on CT")
-        lowest = float(np.min(image.array)) if image.array.size else 0.0
-        if lowest > AIR_HU:
-            warn(f"no voxel below {AIR_HU:g} (minimum {lowest:g}): the values do not look like Hounsfield units "
-                 f"(air is about -1000); raw stored values need RescaleSlope/RescaleIntercept applied")
-
-        label = SourceVolume(_label_uint8(label.array), label.geometry)
+        label = SourceVolume(class_ids(label.array), label.geometry)
         border = _border_anatomies(label, table)  # on the scan's own grid: its faces are the scan's border
         oblique = is_oblique(g.direction)
         if oblique:
@@ -312,31 +225,8 @@ class Predictor:
         timing["preprocess"] = time.perf_counter() - t0
 
         # coverage and missing anatomies
-        reoriented = reorient_lps(image)
-        z_mm = reoriented.array.shape[0] * reoriented.geometry.spacing[2]
-        crop_mm = cfg.data.crop_size[0] * cfg.data.spacing[2]
-        if z_mm < MIN_Z_COVERAGE * crop_mm:
-            warn(f"the scan covers only {z_mm:.0f} mm from inferior to superior (the model was trained on "
-                 f"{crop_mm:.0f} mm crops of whole chests): it was padded, and scores may be unreliable")
-        missing = [n for n in table.names if info["anatomies"][n]["voxels"] == 0]
-        for name in missing:
-            labels = [p.label for p in table.prompts if p.anatomy == name]
-            why = "not in the label map" if info["source"]["voxels"][name] == 0 else "lost when resampling"
-            if self.global_mode:
-                what = (f"this global model still scores {labels} from the whole volume, which may not show it"
-                        if labels else "no label depends on it")
-            else:
-                what = f"its labels {labels} are null" if labels else "no label depends on it"
-            warn(f"anatomy {name!r} {why}: {what}")
-        if "lung" in table.names and "lung" in missing:
-            warn("no lung in the label map: this does not look like a chest CT (the model was trained on chest CT); "
-                 "the scores of the other anatomies are given but may be meaningless")
-        for name, faces in border.items():
-            # a chest CT images the lung and heart whole; the aorta and oesophagus always leave it at the top or
-            # bottom, so only an in-plane cut (field of view too small) is worth a warning for them
-            shown = faces if name in WHOLE_IN_CHEST_CT else [f for f in faces if f not in ("inferior", "superior")]
-            if shown and name not in missing:
-                warn(f"anatomy {name!r} is cut by the scan's {'/'.join(shown)} border (only partly imaged)")
+        for msg in coverage_warnings(reorient_lps(image), cfg, info, self.alignment, border):
+            warn(msg)
 
         # encode and score
         t0 = time.perf_counter()
@@ -351,12 +241,13 @@ class Predictor:
         timing["score"] = time.perf_counter() - t0
         timing["total"] = sum(v for k, v in timing.items() if k != "total")
 
-        probabilities = {lab: _finite(float(p[0])) for lab, p in probs.items()}
+        probabilities = {lab: finite_or_none(float(p[0])) for lab, p in probs.items()}
         labels = {}
-        for p in table.prompts:
+        model_table = self.alignment.table
+        for p, q in zip(table.prompts, model_table.prompts):  # q: the prompt as the model's table scores it
             value = probabilities[p.label]
-            labels[p.label] = {"anatomy": "whole volume" if self.global_mode else p.anatomy, "probability": value,
-                               "status": "scored" if value is not None else "anatomy missing"}
+            labels[p.label] = {"anatomy": _shown(model_table.anatomies[model_table.index(q.anatomy)]),
+                               "probability": value, "status": "scored" if value is not None else "anatomy missing"}
         anatomies = {}
         for n in table.names:
             a = info["anatomies"][n]
@@ -391,20 +282,18 @@ class Predictor:
             meta: ``shape`` and ``anatomies`` {name: {voxels, bbox}}.
             share_windows: encode crops with identical windows once (exact; see the module docstring).
         Returns:
-            features float32 (A, E) (A = 1 in global mode), NaN where the anatomy is absent; the crops as
-            [{"anatomies", "start", "size"}].
+            features float32 (A, E), one row per entry of the model's table (A = 1 in global mode), NaN where the
+            anatomy is absent; the crops as [{"anatomies", "start", "size"}].
         """
-        from fvlm.runtime import autocast_context
-
         cfg = self.cfg
+        model_table = self.alignment.table
         vol = ProcessedVolume(Path("."), image, mask, meta)
-        specs = volume_crop_specs("scan", meta, cfg, self.table, self.global_mode)
-        a = 1 if self.global_mode else len(self.table)
-        features = np.full((a, cfg.model.embed_dim), np.nan, dtype=np.float32)
+        specs = volume_crop_specs("scan", meta, cfg, model_table)
+        features = np.full((len(model_table), cfg.model.embed_dim), np.nan, dtype=np.float32)
         windows = shared_windows(specs) if share_windows else [[s] for s in specs]
         crops = []
         for group in windows:
-            names = ["whole volume" if s.anatomy < 0 else self.table.names[s.anatomy] for s in group]
+            names = [_shown(model_table.anatomies[s.row]) for s in group]
             crops.append({"anatomies": names, "start": list(group[0].start), "size": list(group[0].size)})
         # windows of equal size share a batch, as in evaluation
         by_size: dict[tuple, list[list[CropSpec]]] = {}
@@ -426,165 +315,38 @@ class Predictor:
                 feats, present = feats.float().cpu().numpy(), present.cpu().numpy()
                 for i, group in enumerate(chunk):
                     for s in group:
-                        k = max(s.anatomy, 0)
-                        if present[i, k]:
-                            features[k] = feats[i, k]
+                        if present[i, s.row]:
+                            features[s.row] = feats[i, s.row]
         return features, crops
-
-
-def _label_uint8(array: np.ndarray) -> np.ndarray:
-    """A label map as uint8, refusing values that are not TotalSegmentator v2 ``total`` ids (0..117)."""
-    from fvlm.totalseg import MAX_CLASS_ID
-
-    if array.dtype == np.uint8 and (not array.size or array.max() <= MAX_CLASS_ID):
-        return array
-    if array.dtype.kind == "f" and (not np.all(np.isfinite(array)) or np.any(array != np.round(array))):
-        raise ValueError("label map holds non-integer values: not a label map")
-    if array.size and (array.min() < 0 or array.max() > MAX_CLASS_ID):
-        bad = np.unique(array[(array < 0) | (array > MAX_CLASS_ID)])[:10]
-        raise ValueError(f"label map holds class ids {bad.astype(np.int64).tolist()} outside 0..{MAX_CLASS_ID}: not a "
-                         f"TotalSegmentator v2 'total' map")
-    return array.astype(np.uint8)
-
-
-def segment_scan(image: SourceVolume, scan: str | Path, info: dict[str, Any], table: AnatomyTable,
-                 totalseg_cmd: str = "", fast: bool = False, device: str | None = None,
-                 save_mask: str | Path | None = None) -> SourceVolume:
-    """TotalSegmentator v2 label map of a scan (``roi_subset`` = the table's classes), or a ``FileNotFoundError``
-    that explains how to pass ``--mask`` when TotalSegmentator is not available."""
-    from fvlm.data.volume import write_nifti
-    from fvlm.segment import find_totalsegmentator, roi_subset
-
-    try:
-        runner = find_totalsegmentator(totalseg_cmd or None, roi_subset(table), fast=fast, device=device)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"no --mask given and TotalSegmentator is not available ({e}). Segment the scan yourself with "
-            f"TotalSegmentator v2 (multilabel output): `TotalSegmentator -i {scan} -o labels.nii.gz --ml --task total` "
-            f"and pass --mask labels.nii.gz (Python: predictor.predict(scan, mask=...)), or install TotalSegmentator "
-            f"(pip install 'fvlm[segment]', or in its own environment with --totalseg-cmd PATH)") from None
-    log.info("segmenting %s with TotalSegmentator (%s)", scan, runner.describe())
-    with tempfile.TemporaryDirectory(prefix="fvlm_predict_") as td:
-        if info.get("format") == "nifti":
-            src = Path(scan)
-        else:
-            src = Path(td) / "scan.nii"
-            write_nifti(src, image.array, image.geometry)
-        out = Path(td) / "labels.nii.gz"
-        try:
-            runner.run(src, out)
-        except RuntimeError as e:
-            raise ValueError(f"TotalSegmentator failed on {scan}: {e}") from None
-        if not out.exists():
-            raise ValueError(f"TotalSegmentator reported success on {scan} but wrote no label map")
-        label = read_nifti(out)  # its grid and ids are checked like those of a given --mask
-        if save_mask:
-            with atomic_path(save_mask, suffix=".nii.gz") as tmp:
-                tmp.write_bytes(out.read_bytes())
-            log.info("label map saved to %s", save_mask)
-    return SourceVolume(np.array(label.array), label.geometry)
 
 
 # ----------------------------------------------------------------------------------------------- loading
 def load(checkpoint: str | Path, device: str = "cpu") -> Predictor:
     """Load a model folder (run, checkpoint, ``fvlm export`` output) or a Hub id (``org/name``, from the local
     cache) for prediction (``device``: cpu, cuda, cuda:1, auto)."""
-    from fvlm.checkpoint import load_model
-    from fvlm.runtime import resolve_device
-
     dev = resolve_device(device)
     model, cfg, table = load_model(checkpoint, dev)
     return Predictor(model, cfg, table, dev, model.source)
 
 
-# ----------------------------------------------------------------------------------------------- the picture
-def _centre(pred: Prediction) -> tuple[int, int, int]:
-    boxes = [v["bbox_processed"] for v in pred.anatomies.values() if v["found"] and v["bbox_processed"]]
-    assert pred.image is not None
-    if not boxes:
-        return tuple(s // 2 for s in pred.image.shape)  # type: ignore[return-value]
-    lo = [min(b[2 * a] for b in boxes) for a in range(3)]
-    hi = [max(b[2 * a + 1] for b in boxes) for a in range(3)]
-    return tuple((lo[a] + hi[a] - 1) // 2 for a in range(3))  # type: ignore[return-value]
-
-
-def save_overlay(pred: Prediction, path: str | Path, top: int = 6) -> None:
-    """PNG: axial and coronal slices of the processed volume (radiological view: patient's right on the image's
-    left) through the centre of the anatomies found, anatomy contours with a legend, and the top findings."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    if pred.image is None or pred.mask is None:
-        raise ValueError("this prediction holds no processed volume to draw")
-    sx, sy, sz = pred.preprocessing["target_spacing"]
-    low, high = pred.preprocessing["hu_window"]
-    zc, yc, _ = _centre(pred)
-    names = list(pred.anatomies)
-    colours = [f"C{k % 10}" for k in range(len(names))]
-    fig = Figure(figsize=(12, 7), dpi=100)
-    FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(2, 2, height_ratios=[5, 1.5], top=0.9, bottom=0.03, left=0.03, right=0.97, hspace=0.08)
-    views = [("axial", pred.image[zc], pred.mask[zc], sy / sx, "upper", f"axial z={zc}", ("R", "L"), ("A", "P")),
-             ("coronal", pred.image[:, yc], pred.mask[:, yc], sz / sx, "lower", f"coronal y={yc}", ("R", "L"),
-              ("I", "S"))]
-    for col, (_, img, msk, aspect, origin, title, (left, right), (bottom_or_top, other)) in enumerate(views):
-        ax = fig.add_subplot(gs[0, col])
-        ax.imshow(img, cmap="gray", vmin=low, vmax=high, aspect=aspect, origin=origin, interpolation="nearest")
-        for k in range(len(names)):
-            sel = msk == k + 1
-            if sel.any() and sel.shape[0] > 1 and sel.shape[1] > 1:
-                ax.contour(sel.astype(np.float32), levels=[0.5], colors=[colours[k]], linewidths=1.2)
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        kw = {"transform": ax.transAxes, "color": "yellow", "fontsize": 11, "fontweight": "bold"}
-        ax.text(0.01, 0.5, left, ha="left", va="center", **kw)
-        ax.text(0.99, 0.5, right, ha="right", va="center", **kw)
-        # axial: anterior at the top; coronal: superior at the top
-        top_letter, bottom_letter = (bottom_or_top, other) if origin == "upper" else (other, bottom_or_top)
-        ax.text(0.5, 0.99, top_letter, ha="center", va="top", **kw)
-        ax.text(0.5, 0.01, bottom_letter, ha="center", va="bottom", **kw)
-    handles = [Line2D([0], [0], color=colours[k], lw=2,
-                      label=f"{n}" + ("" if pred.anatomies[n]["found"] else " (missing)"))
-               for k, n in enumerate(names)]
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.96), ncol=len(names), fontsize=9,
-               frameon=False)
-    lines = [f"{label} ({anatomy}): {p:.3f}" for label, anatomy, p in pred.top(top)]
-    text = "Top findings (zero-shot prompt scores, not calibrated risks):\n" + "\n".join(lines or ["(none scored)"])
-    if pred.missing:
-        text += f"\nMissing anatomies (labels not scored): {', '.join(pred.missing)}"
-    ax = fig.add_subplot(gs[1, :])
-    ax.axis("off")
-    ax.text(0.0, 1.0, text, ha="left", va="top", fontsize=9, family="monospace", transform=ax.transAxes)
-    if pred.warnings:
-        ax.text(1.0, 1.0, f"{len(pred.warnings)} warning(s): see the JSON", ha="right", va="top", fontsize=9,
-                color="darkred", transform=ax.transAxes)
-    src = pred.source.get("path") or "array"
-    fig.suptitle(f"fvlm predict: {Path(src).name if src != 'array' else src}", fontsize=11, y=0.995)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-def run_predict_cli(args: argparse.Namespace) -> int:
-    """``fvlm predict``: the JSON goes to ``--out`` (or stdout), the picture to ``--png``; 0 on success."""
-    predictor = load(args.checkpoint, device=args.device)
-    pred = predictor.predict(args.scan, mask=args.mask, series=args.series or None, totalseg_cmd=args.totalseg_cmd,
-                             totalseg_fast=args.fast, totalseg_device=args.totalseg_device or None,
-                             save_mask=args.save_mask or None)
-    text = pred.to_json(args.out or None)
-    if args.png:
-        pred.save_png(args.png)
-    if not args.out:
-        sys.stdout.write(text)
+def predict(scan: str | Path, checkpoint: str | Path, mask: str | Path | None = None, *, device: str = "auto",
+            series: str | None = None, totalseg_cmd: str = "", totalseg_fast: bool = False,
+            totalseg_device: str | None = None, save_mask: str | Path | None = None, out: str | Path | None = None,
+            png: str | Path | None = None) -> Prediction:
+    """``fvlm predict``: score one scan with the model in ``checkpoint``; the JSON goes to ``out`` and the picture
+    to ``png`` when given (see :meth:`Predictor.predict` for the other arguments)."""
+    predictor = load(checkpoint, device=device)
+    pred = predictor.predict(scan, mask=mask, series=series, totalseg_cmd=totalseg_cmd, totalseg_fast=totalseg_fast,
+                             totalseg_device=totalseg_device, save_mask=save_mask)
+    if out:
+        pred.to_json(out)
+    if png:
+        pred.save_png(png)
     top = ", ".join(f"{label} {p:.2f}" for label, _, p in pred.top(5))
-    log.info("%s: anatomies found %s%s; top: %s; %d warning(s)%s%s", args.scan, pred.found,
+    log.info("%s: anatomies found %s%s; top: %s; %d warning(s)%s%s", scan, pred.found,
              f", missing {pred.missing}" if pred.missing else "", top, len(pred.warnings),
-             f"; JSON {args.out}" if args.out else "", f"; PNG {args.png}" if args.png else "")
-    return 0
+             f"; JSON {out}" if out else "", f"; PNG {png}" if png else "")
+    return pred
 
 
-__all__ = ["DicomSeries", "Prediction", "Predictor", "list_dicom_series", "load", "obliquity_degrees",
-           "orientation_code", "check_slice_positions", "read_dicom_series", "read_image", "resample_axis_aligned",
-           "save_overlay", "segment_scan"]
+__all__ = ["WHOLE_VOLUME", "Prediction", "Predictor", "load", "predict"]

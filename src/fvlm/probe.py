@@ -54,11 +54,12 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-from fvlm.anatomy import load_anatomy_table
+from fvlm.anatomy import GLOBAL_ANATOMY, load_anatomy_table
 from fvlm.checkpoint import load_model, load_run_config, resolve_checkpoint
 from fvlm.io import atomic_path, atomic_write_text
 from fvlm.labels import order_labels, read_label_table
-from fvlm.probe_cache import GLOBAL, split_embeddings
+from fvlm.plots import plot_fractions
+from fvlm.probe_cache import split_embeddings
 from fvlm.runtime import resolve_device
 from fvlm.zeroshot import prompt_probabilities
 
@@ -82,7 +83,7 @@ def label_anatomies(labels: Sequence[str], anatomies: Sequence[str], table: Any,
     if features not in FEATURE_MODES:
         raise ValueError(f"features must be one of {FEATURE_MODES}, got {features!r}")
     anatomies = list(anatomies)
-    if features == "concat" or anatomies == [GLOBAL]:
+    if features == "concat" or anatomies == [GLOBAL_ANATOMY]:
         return {label: anatomies for label in labels}, []
     mapping: dict[str, list[str]] = {}
     source = "the run's anatomy table"
@@ -421,35 +422,5 @@ def run_probe(checkpoint: str | Path, data: str | Path, labels: str | Sequence[s
     return result
 
 
-def plot_fractions(summary: dict[str, Any], path: Path) -> None:
-    """Macro AUC (mean +- sd over seeds) against the label fraction (log scale), zero-shot as a line."""
-    import matplotlib  # here, not at the top: measured 0.7 s, and plotting moves to fvlm.plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    zs = summary.get("zero_shot")
-    key = "macro_auc_zero_shot_labels" if zs and zs.get("labels") else "macro_auc"
-    fr = [float(f) for f in summary["by_fraction"]]
-    mean = [summary["by_fraction"][f][key]["mean"] for f in summary["by_fraction"]]
-    std = [summary["by_fraction"][f][key]["std"] for f in summary["by_fraction"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar([f * 100 for f in fr], [m if m is not None else np.nan for m in mean],
-                yerr=[s or 0 for s in std], marker="o", capsize=4, label=f"linear probe ({summary['features']})")
-    if zs and zs.get("macro_auc") is not None:
-        ax.axhline(zs["macro_auc"], color="tab:red", ls="--", label="zero-shot")
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"% of {summary['train_split']} labels used")
-    n = len(zs["labels"]) if zs and zs.get("labels") else len(summary["evaluable_labels"])
-    ax.set_ylabel(f"macro AUC ({summary['split']}, {n} labels)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
-__all__ = ["C_GRID", "FEATURE_MODES", "GLOBAL", "ProbeResult", "ProbeRun", "ZeroShotReference", "fit_head",
+__all__ = ["C_GRID", "FEATURE_MODES", "ProbeResult", "ProbeRun", "ZeroShotReference", "fit_head",
            "label_anatomies", "label_auc", "run_probe", "split_embeddings", "subsample"]

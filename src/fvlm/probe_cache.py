@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fvlm import zeroshot  # the module, not the function: tests replace zeroshot.anatomy_embeddings
+from fvlm.anatomy import alignment
 from fvlm.data import store
 from fvlm.data.compat import check_store
 from fvlm.io import atomic_path
@@ -25,7 +26,6 @@ from fvlm.paths import safe_component
 
 log = logging.getLogger(__name__)
 
-GLOBAL = "global"  # the one "anatomy" of a global-mode run (as fvlm embed names it)
 
 
 def _file_digest(path: Path, h: Any) -> None:
@@ -83,7 +83,7 @@ def split_embeddings(ckpt: Path, data: Path, split: str, cache_dir: Path, model_
     model, cfg, table = model_bundle()
     check_store(cfg, table, data)
     volumes, feats = zeroshot.anatomy_embeddings(model, cfg, table, data, split, device, batch_size)
-    anatomies = [GLOBAL] if cfg.loss.mode == "global" else list(table.names)
+    anatomies = list(alignment(cfg, table).names)
     tensors = {}
     for k, a in enumerate(anatomies):
         img = np.ascontiguousarray(feats[:, k], dtype=np.float32)
@@ -98,4 +98,4 @@ def split_embeddings(ckpt: Path, data: Path, split: str, cache_dir: Path, model_
     return volumes, anatomies, feats
 
 
-__all__ = ["GLOBAL", "cache_key", "split_embeddings"]
+__all__ = ["cache_key", "split_embeddings"]

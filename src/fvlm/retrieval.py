@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 from scipy.special import gammaln
 
 from fvlm.text import scan_id
@@ -170,8 +171,6 @@ def _group_ids(volumes: Sequence[str], same_scan: bool) -> list[str]:
 
 def read_embeddings(path: str | Path) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
     """Read an ``fvlm embed`` file -> (volumes, anatomies, tensors as numpy), checking the layout."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embeddings file not found: {path}")

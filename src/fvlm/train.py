@@ -28,36 +28,10 @@ from fvlm.data.compat import check_store
 from fvlm.data.dataset import Collate, TrainDataset
 from fvlm.markers import clear_marker, write_marker
 from fvlm.model.fvlm import FVLM, load_weights, param_groups
+from fvlm.plots import plot_loss
 from fvlm.runtime import autocast_context, seed_torch
 
 log = logging.getLogger(__name__)
-
-
-def plot_loss(log_csv: Path, out_png: Path) -> None:
-    """Total and per-anatomy loss curves (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from fvlm.io import atomic_path
-
-    df = pd.read_csv(log_csv)
-    if df.empty:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for col in [c for c in df.columns if c == "loss" or c.startswith("loss/")]:
-        series = pd.to_numeric(df[col], errors="coerce")
-        ax.plot(df["step"], series, label=col.replace("loss/", ""), lw=2 if col == "loss" else 1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("contrastive loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
 
 
 def train(cfg: Config, data: str | Path, out: str | Path, resume: bool = False, device: str = "auto",

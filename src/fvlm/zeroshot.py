@@ -16,7 +16,7 @@ volume whose anatomy is absent gets an empty cell, never a silent 0 (the missing
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +24,22 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.anatomy import AnatomyTable, alignment, global_table, load_anatomy_table
+from fvlm.checkpoint import load_model
 from fvlm.config import Config
 from fvlm.data import store
+from fvlm.data.compat import check_store
 from fvlm.io import atomic_path
 from fvlm.labels import CT_RATE_LABELS
+from fvlm.runtime import autocast_context, resolve_device
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CropSpec:
-    """One anatomy-centred crop: which volume, which anatomy (0-based; -1 = whole volume), where."""
+    """One anatomy-centred crop: which volume, which entry of the model's table (0-based; -1 = the whole crop,
+    the one entry of the global baseline's table: its mask is all ones), where."""
 
     volume: str
     anatomy: int
@@ -44,6 +48,11 @@ class CropSpec:
     # voxels of the volume the window holds from ``start`` (the rest of ``size`` is padding); None = all of size.
     # The released window ends inside the volume and is padded at its end (see :func:`released_window`)
     extent: tuple[int, int, int] | None = None
+
+    @property
+    def row(self) -> int:
+        """Index of the crop's entry among the model's embeddings (the whole crop is the only entry: 0)."""
+        return max(self.anatomy, 0)
 
 
 def centred_crop(bbox: tuple[int, int, int, int, int, int], shape: tuple[int, ...], min_size: tuple[int, ...],
@@ -169,36 +178,41 @@ def _collate(items):
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), list(idx)
 
 
-def volume_crop_specs(volume: str, meta: dict, cfg: Config, table: AnatomyTable, global_mode: bool
+def volume_crop_specs(volume: str, meta: dict, cfg: Config, table: AnatomyTable, global_mode: bool = False
                       ) -> list[CropSpec]:
     """The crops of one processed volume from its ``meta`` (``shape`` and ``anatomies`` {name: {voxels, bbox}}):
-    one per present anatomy, or one around the union of the anatomies' boxes in global mode (none if no anatomy).
+    one per entry of the model's ``table`` (:attr:`fvlm.anatomy.Alignment.table`) present in the volume; a
+    whole-crop entry (the global baseline's) gets one crop around the union of the anatomies' boxes, with
+    ``anatomy = -1`` (a mask of ones), and none when the volume has no anatomy.
 
+    ``global_mode=True`` (older callers) stands for ``table = fvlm.anatomy.global_table(table)``.
     Shared by :func:`crop_specs` (stored volumes) and :mod:`fvlm.predict` (a volume in memory), so a single
     scan is cropped exactly as evaluation crops it.
     """
+    if global_mode:
+        table = global_table(table)
     shape = tuple(meta["shape"])
     boxes = {name: info.get("bbox") for name, info in meta["anatomies"].items() if info.get("voxels", 0) > 0}
-    if global_mode:
-        if not boxes:
-            return []
-        union = [min(b[0] for b in boxes.values()), max(b[1] for b in boxes.values()),
-                 min(b[2] for b in boxes.values()), max(b[3] for b in boxes.values()),
-                 min(b[4] for b in boxes.values()), max(b[5] for b in boxes.values())]
-        return [window_spec(volume, -1, tuple(union), shape, cfg)]
-    return [window_spec(volume, k, tuple(boxes[name]), shape, cfg) for k, name in enumerate(table.names)
-            if name in boxes]
+    specs = []
+    for k, entry in enumerate(table.anatomies):
+        if entry.whole_crop:
+            if boxes:
+                union = [f(b[i] for b in boxes.values()) for i, f in zip(range(6), (min, max) * 3)]
+                specs.append(window_spec(volume, -1, tuple(union), shape, cfg))
+        elif entry.name in boxes:
+            specs.append(window_spec(volume, k, tuple(boxes[entry.name]), shape, cfg))
+    return specs
 
 
-def crop_specs(root: Path, split: str, cfg: Config, table: AnatomyTable, global_mode: bool) -> tuple[
-        list[str], list[CropSpec]]:
-    """The crops to encode for every ok volume of a split (from the bounding boxes in meta.json)."""
+def crop_specs(root: Path, split: str, cfg: Config, table: AnatomyTable) -> tuple[list[str], list[CropSpec]]:
+    """The crops to encode for every ok volume of a split (from the bounding boxes in meta.json); ``table``: the
+    model's (:attr:`fvlm.anatomy.Alignment.table`)."""
     volumes = store.list_volumes(root, split)
     if not volumes:
         raise ValueError(f"{root}: no successfully preprocessed volumes of split {split!r}")
     specs = []
     for v in volumes:
-        specs.extend(volume_crop_specs(v, store.read_meta(root, split, v), cfg, table, global_mode))
+        specs.extend(volume_crop_specs(v, store.read_meta(root, split, v), cfg, table))
     return volumes, specs
 
 
@@ -213,19 +227,16 @@ def _shape_batches(windows: list[list[CropSpec]], batch_size: int) -> list[list[
 def anatomy_embeddings(model: torch.nn.Module, cfg: Config, table: AnatomyTable, root: str | Path, split: str,
                        device: torch.device, batch_size: int = 0, num_workers: int | None = None
                        ) -> tuple[list[str], np.ndarray]:
-    """Image embeddings of every volume and anatomy.
+    """Image embeddings of every volume and entry of the model's table (:func:`fvlm.anatomy.alignment`).
 
-    Returns:
+    ``table``: the run's anatomy table. Returns:
         volumes: the N volume names;
         features: float32 ``(N, A, E)`` (``A = 1`` for a global-mode model), NaN where the anatomy is absent.
     """
-    from fvlm.runtime import autocast_context
-
     root = Path(root)
-    global_mode = cfg.loss.mode == "global"
-    volumes, specs = crop_specs(root, split, cfg, table, global_mode)
-    a = 1 if global_mode else len(table)
-    features = np.full((len(volumes), a, cfg.model.embed_dim), np.nan, dtype=np.float32)
+    table = alignment(cfg, table).table
+    volumes, specs = crop_specs(root, split, cfg, table)
+    features = np.full((len(volumes), len(table), cfg.model.embed_dim), np.nan, dtype=np.float32)
     row = {v: i for i, v in enumerate(volumes)}
     windows = shared_windows(specs)
     batches = _shape_batches(windows, batch_size or cfg.eval.batch_size)
@@ -239,9 +250,8 @@ def anatomy_embeddings(model: torch.nn.Module, cfg: Config, table: AnatomyTable,
         feats, present = feats.float().cpu().numpy(), present.cpu().numpy()
         for j, i in enumerate(idx):
             for s in windows[i]:
-                k = max(s.anatomy, 0)
-                if present[j, k]:
-                    features[row[s.volume], k] = feats[j, k]
+                if present[j, s.row]:
+                    features[row[s.volume], s.row] = feats[j, s.row]
     return volumes, features
 
 
@@ -268,25 +278,37 @@ def prompt_probabilities(model: torch.nn.Module, cfg: Config, table: AnatomyTabl
 
     ``text_features``: the result of :func:`prompt_text_features` for this model and table (computed when None).
     """
+    table = alignment(cfg, table).table
     prompts = table.prompts
     text = prompt_text_features(model, cfg, table, device) if text_features is None else text_features
     temperature = float(model.temperature())
     feats = torch.from_numpy(features)
     out = {}
     for j, p in enumerate(prompts):
-        k = 0 if cfg.loss.mode == "global" else table.index(p.anatomy)
+        k = table.index(p.anatomy)
         sims = feats[:, k] @ text[2 * j : 2 * j + 2].T  # (N, 2): [negative, positive]
         out[p.label] = torch.softmax(sims / temperature, dim=-1)[:, 1].numpy()
     return out
 
 
-def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Path, device: str = "auto",
-             batch_size: int = 0, anatomy_table: str | None = None) -> pd.DataFrame:
-    """Score every volume of ``split``; writes ``out`` (CSV) atomically and returns the table."""
-    from fvlm.checkpoint import load_model
-    from fvlm.data.compat import check_store
-    from fvlm.runtime import resolve_device
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`.
 
+    Attributes:
+        scores: the table written to ``path``: ``VolumeName`` + one column per scored label (NaN = anatomy absent).
+        path: the scores CSV. missing: {label: volumes without a score}. unscored: labels the table does not score.
+    """
+
+    scores: pd.DataFrame
+    path: Path
+    missing: dict[str, int] = field(default_factory=dict)
+    unscored: tuple[str, ...] = ()
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Path, device: str = "auto",
+             batch_size: int = 0, anatomy_table: str | None = None) -> Evaluation:
+    """Score every volume of ``split``; writes ``out`` (CSV) atomically and returns it with its table."""
     dev = resolve_device(device)
     model, cfg, table = load_model(checkpoint, dev)
     check_store(cfg, table, data, required=False)  # a model needs data preprocessed its way
@@ -308,4 +330,4 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Pa
              f"; empty cells (anatomy absent): {missing}" if missing else "")
     if table.unscored:
         log.info("not scored by table %r: %s", table.name, ", ".join(table.unscored))
-    return df
+    return Evaluation(df, Path(out), missing, tuple(table.unscored))

@@ -9,7 +9,7 @@ What it reports, per split (``train``, ``valid``):
   ImageOrientationPatient, RescaleSlope, RescaleIntercept) are empty or unparsable; header shape that
   disagrees with Rows / Columns / NumberofSlices;
 - v1 / v2 mix: every volume's header is compared with its metadata (cheap: only the first few hundred bytes of
-  each .nii.gz are inflated) through :func:`fvlm.data.ctrate.detect_version`; voxel values are read (slow:
+  each .nii.gz are inflated) through :func:`fvlm.data.v1fix.detect_version`; voxel values are read (slow:
   the whole file) only for volumes whose header is inconclusive, up to ``sample`` per split, and then for a
   spread of the others to confirm the header evidence; reading the values also finds truncated files;
 - volumes listed in ``metadata/no_chest_{split}.txt`` (non-chest, even head CTs) and whether they are on disk;
@@ -37,7 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fvlm.anatomy import load_anatomy_table
-from fvlm.data import ctrate
+from fvlm.data import ctrate, v1fix
 from fvlm.data.check_report import DataCheck, SplitCheck, log_summary
 from fvlm.data.check_report import examples as _ex
 from fvlm.data.ctrate import no_chest_path, read_volume_list
@@ -56,7 +56,7 @@ def _header_version(info: HeaderInfo, meta: ctrate.VolumeMetadata | None) -> tup
     if meta is None:
         return "unknown", "no metadata row"
     try:
-        d = ctrate.detect_version(info.geometry, {"p1_above_min": math.nan}, meta)
+        d = v1fix.detect_version(info.geometry, {"p1_above_min": math.nan}, meta)
     except ValueError as e:
         return "unknown", str(e).split(";")[0]
     return d.version, "header"
@@ -69,9 +69,9 @@ def _value_version(path: Path, meta: ctrate.VolumeMetadata | None) -> tuple[str,
         check_finite(vol.array)
     except (ValueError, OSError) as e:
         return "unreadable", str(e)
-    stats = ctrate.value_statistics(vol.array)
+    stats = v1fix.value_statistics(vol.array)
     try:
-        d = ctrate.detect_version(vol.geometry, stats, meta)
+        d = v1fix.detect_version(vol.geometry, stats, meta)
     except ValueError as e:
         kind = "conflict" if "conflicting" in str(e) else "unknown"
         return kind, str(e).split("; pass")[0]

@@ -39,9 +39,6 @@ import numpy as np
 
 from fvlm.data.store import Geometry
 
-# the v1/v2 decision under the names fvlm.data.check calls (ctrate.detect_version, ctrate.value_statistics)
-from fvlm.data.v1fix import VersionDecision, detect_version, rescale, value_statistics  # noqa: F401
-
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid")

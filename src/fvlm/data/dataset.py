@@ -24,20 +24,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fvlm.anatomy import AnatomyTable, intact_anatomies
+from fvlm.anatomy import TEXTS_REPORT, AnatomyTable, alignment, intact_anatomies
 from fvlm.config import Config
 from fvlm.data import store
-from fvlm.text import AnatomyTexts, clean_text, text_id
+from fvlm.text import AnatomyTexts, clean_text, scan_id, text_id
+from fvlm.tokenization import tokenize_unique
 
 log = logging.getLogger(__name__)
 
-GLOBAL_ANATOMY = "volume"  # the single "anatomy" of the global (CT-CLIP-style) baseline: the whole crop
+#: the global baseline's one entry as train logs name it (log.csv columns loss/volume, n/volume): kept so logs
+#: of older runs and new ones compare; elsewhere the entry is fvlm.anatomy.GLOBAL_ANATOMY
+_LOGGED_WHOLE_CROP = "volume"
 
 
 def _report_texts(root: Path, split: str) -> dict[str, str]:
     """scan id -> whole report text (findings + impression) from the copied reports CSV."""
-    from fvlm.text import scan_id
-
     path = root / "reports" / f"{split}_reports.csv"
     if not path.exists():
         raise FileNotFoundError(f"global baseline needs the reports: {path} not found (re-run fvlm preprocess "
@@ -108,6 +109,9 @@ class TrainDataset(torch.utils.data.Dataset):
         cfg: the run configuration (``data`` section: crop size, window, flips; ``loss.mode``).
         table: anatomy table the data was processed with.
         texts: anatomy texts (anatomy mode); ``None`` loads ``data.texts`` or ``root/texts``.
+
+    What each sample aligns comes from :func:`fvlm.anatomy.alignment`: the table's anatomies with their anatomy
+    texts, or (global baseline) the whole crop (a mask of ones) with the whole report.
     """
 
     def __init__(self, root: str | Path, split: str, cfg: Config, table: AnatomyTable,
@@ -117,7 +121,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         self.table = table
         self.seed = seed
-        self.global_mode = cfg.loss.mode == "global"
+        self.alignment = alignment(cfg, table)
         manifest = store.read_manifest(self.root)
         ok = manifest[(manifest["split"] == split) & (manifest["status"] == "ok")]
         if ok.empty:
@@ -125,7 +129,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.scans: list[tuple[str, list[str]]] = [
             (scan, sorted(group["volume"].tolist())) for scan, group in ok.groupby("scan", sort=True)
         ]
-        if self.global_mode:
+        if self.alignment.texts == TEXTS_REPORT:
             self.reports = _report_texts(self.root, split)
             self.texts = None
         else:
@@ -140,7 +144,8 @@ class TrainDataset(torch.utils.data.Dataset):
 
     @property
     def anatomy_names(self) -> tuple[str, ...]:
-        return (GLOBAL_ANATOMY,) if self.global_mode else self.table.names
+        """The model's entries, as the loss terms and train logs name them."""
+        return tuple(_LOGGED_WHOLE_CROP if a.whole_crop else a.name for a in self.alignment.table.anatomies)
 
     def __len__(self) -> int:
         return len(self.scans)
@@ -154,7 +159,7 @@ class TrainDataset(torch.utils.data.Dataset):
         image, mask = random_crop_flip(vol.image, vol.mask, self.cfg.data.crop_size, self.cfg.data.flip_prob, rng,
                                        self.pad_value)
         image = store.window(image, self.cfg.data.hu_window)[None]
-        if self.global_mode:
+        if self.alignment.whole_crop:  # the one entry: the whole crop and the whole report
             report = self.reports.get(scan, "")
             mask = np.ones_like(mask)
             return Sample(image, mask, np.array([bool(report)]), np.zeros(1, bool), [report or "."], volume)
@@ -210,8 +215,6 @@ class Collate:
         self.max_length = max_length
 
     def __call__(self, samples: list[Sample]) -> dict[str, Any]:
-        from fvlm.model.text_encoder import tokenize_unique
-
         tok = tokenize_unique(self.tokenizer, [s.texts for s in samples], self.max_length)
         return {
             "image": torch.from_numpy(np.stack([s.image for s in samples])),

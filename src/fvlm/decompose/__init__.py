@@ -15,10 +15,11 @@ from fvlm.decompose.evaluate import evaluate_decomposition, format_evaluation
 from fvlm.decompose.lexicon import Lexicon, load_lexicon
 from fvlm.decompose.llm import PROMPT_VERSION, LLMConfig, LLMDecomposer
 from fvlm.decompose.pipeline import (
+    DecomposeResult,
     DecomposeSummary,
+    decompose_files,
     decompose_reports,
     read_reports,
-    run_decompose_cli,
     write_outputs,
 )
 from fvlm.decompose.rules import RulesDecomposer, Unit
@@ -26,6 +27,7 @@ from fvlm.decompose.sentences import normalise_sentence, split_sentences
 
 __all__ = [
     "PROMPT_VERSION",
+    "DecomposeResult",
     "DecomposeSummary",
     "Decomposition",
     "LLMConfig",
@@ -33,13 +35,14 @@ __all__ = [
     "Lexicon",
     "RulesDecomposer",
     "Unit",
+    "decompose_files",
     "decompose_reports",
     "evaluate_decomposition",
     "format_evaluation",
     "load_lexicon",
     "normalise_sentence",
     "read_reports",
-    "run_decompose_cli",
+    "decompose_files",
     "split_sentences",
     "write_outputs",
 ]

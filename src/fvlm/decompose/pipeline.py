@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -233,51 +232,60 @@ def write_outputs(out_dir: str | Path, desc: dict, conc: dict, summary: Decompos
         atomic_write_text(out / SUMMARY_FILE, json.dumps(summary.to_dict(), ensure_ascii=False, indent=1))
 
 
-def run_decompose_cli(args: argparse.Namespace) -> int:
-    """``fvlm decompose``: decompose ``--reports`` into ``--out`` and/or ``--evaluate`` against GOLD_DIR."""
-    table = load_anatomy_table(args.anatomies)
-    evaluate = getattr(args, "evaluate", None)
-    if not args.reports and not evaluate:
+@dataclass
+class DecomposeResult:
+    """What ``fvlm decompose`` did: the decomposition summary (None without ``reports``) and the evaluation
+    against reference files (None without ``gold``). ``ok``: no row failed, and the LLM, when asked for, was
+    used at least once (or its absence was accepted)."""
+
+    ok: bool
+    summary: DecomposeSummary | None = None
+    evaluation: dict | None = None
+
+
+def decompose_files(reports: str | None, out: str | Path | None, table: AnatomyTable | str = "released",
+                    backend: str = "rules", *,
+                    lexicon: str | Path | None = None, llm: LLMConfig | None = None, accept_fallback: bool = False,
+                    gold: str | Path | None = None, pred: str | Path | None = None) -> DecomposeResult:
+    """Decompose the reports CSV(s) ``reports`` (comma-separated) into ``out`` (desc_info.json, conc_info.json,
+    summary) and/or evaluate ``pred`` (default ``out``) against the reference directory ``gold``
+    (evaluation.json in ``pred``). ``table``: an anatomy table or its name / JSON path. ``llm``: the endpoint of
+    the ``llm`` backend."""
+    if not isinstance(table, AnatomyTable):
+        table = load_anatomy_table(table)
+    if not reports and not gold:
         raise ValueError("fvlm decompose: give --reports (and --out) to decompose, and/or --evaluate GOLD_DIR")
-    code = 0
-    if args.reports:
-        if not args.out:
+    result = DecomposeResult(ok=True)
+    if reports:
+        if not out:
             raise ValueError("fvlm decompose: --reports needs --out")
-        llm = None
-        if args.backend == "llm":
-            extra = {k: getattr(args, f"llm_{k}") for k in ("timeout", "max_retries", "invalid_retries")
-                     if getattr(args, f"llm_{k}", None) is not None}
-            llm = LLMConfig(url=args.llm_url, model=args.llm_model,
-                            cache_dir=args.llm_cache or Path(args.out) / ".llm_cache",
-                            workers=getattr(args, "llm_workers", 4) or 4, **extra)
-        reports = read_reports(args.reports)
-        desc, conc, summary = decompose_reports(reports, table, args.backend, lexicon=getattr(args, "lexicon", None)
-                                                or None, llm=llm)
-        write_outputs(args.out, desc, conc, summary)
+        rows = read_reports(reports)
+        desc, conc, summary = decompose_reports(rows, table, backend, lexicon=lexicon or None, llm=llm)
+        write_outputs(out, desc, conc, summary)
+        result.summary = summary
         n_abn = sum(len(v) for v in conc.values())
         log.info("decompose: %d scans (%d rows, %d duplicate, %d conflicting) -> %s/desc_info.json, conc_info.json "
                  "(%d abnormal anatomy impressions) in %.1f s", summary.n_scans, summary.n_rows,
-                 summary.n_duplicate_rows, summary.n_conflicting_rows, args.out, n_abn, summary.seconds)
+                 summary.n_duplicate_rows, summary.n_conflicting_rows, out, n_abn, summary.seconds)
         if summary.failures:
             for f in summary.failures:
                 log.error("decompose: %s: %s", f["volume"], f["error"])
             log.error("decompose: %d of %d rows failed", len(summary.failures), summary.n_rows)
-            code = 1
+            result.ok = False
         if llm is not None and summary.n_scans and not (summary.llm.get("ok") or summary.llm.get("cached")):
-            accept = getattr(args, "llm_accept_fallback", False)
-            (log.warning if accept else log.error)(
+            (log.warning if accept_fallback else log.error)(
                 "decompose: the LLM at %s was NEVER used: all %d reports fell back to the rules backend (%d invalid "
                 "answers, %d endpoint errors; see %s)%s", llm.endpoint, summary.n_scans,
                 summary.llm.get("fallback_invalid", 0), summary.llm.get("fallback_error", 0),
-                Path(args.out) / SUMMARY_FILE, "; accepted (--llm-accept-fallback)" if accept else
+                Path(out) / SUMMARY_FILE, "; accepted (--llm-accept-fallback)" if accept_fallback else
                 "; exit 1 (--llm-accept-fallback accepts rules-only outputs)")
-            if not accept:
-                code = 1
-    if evaluate:
-        pred = getattr(args, "pred", None) or args.out
+            if not accept_fallback:
+                result.ok = False
+    if gold:
+        pred = pred or out
         if not pred:
             raise ValueError("fvlm decompose --evaluate: give --pred DIR (or --out DIR) with the predicted JSON files")
-        result = evaluate_decomposition(pred, evaluate, table)
-        atomic_write_text(Path(pred) / EVALUATION_FILE, json.dumps(result, indent=1))
-        log.info("decompose evaluation of %s against %s:\n%s", pred, evaluate, format_evaluation(result))
-    return code
+        result.evaluation = evaluate_decomposition(pred, gold, table)
+        atomic_write_text(Path(pred) / EVALUATION_FILE, json.dumps(result.evaluation, indent=1))
+        log.info("decompose evaluation of %s against %s:\n%s", pred, gold, format_evaluation(result.evaluation))
+    return result

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fvlm.config import Config
+from fvlm.hub import is_hub_id, offline, snapshot
 from fvlm.io import atomic_path
 from fvlm.model.anatomy_pooling import anatomy_attention, project_anatomies, token_membership
 from fvlm.model.text_encoder import FrozenPrefixCache, build_text_encoder, encode_cls, frozen_text_modules
@@ -80,7 +81,7 @@ class FVLM(nn.Module, PyTorchModelHubMixin, library_name="fvlm", license="apache
 
     # ------------------------------------------------------------------ Hugging Face (huggingface_hub mixin)
     def _save_pretrained(self, save_directory: Path) -> None:
-        from fvlm.export import save_pretrained_folder
+        from fvlm.export import save_pretrained_folder  # here: fvlm.export imports this module (a cycle at the top)
 
         save_pretrained_folder(self, Path(save_directory))
 
@@ -88,8 +89,7 @@ class FVLM(nn.Module, PyTorchModelHubMixin, library_name="fvlm", license="apache
     def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: Any = None,
                          force_download: bool = False, local_files_only: bool = False, token: Any = None,
                          map_location: str = "cpu", **model_kwargs: Any) -> FVLM:
-        from fvlm.checkpoint import load_model
-        from fvlm.hub import is_hub_id, offline, snapshot
+        from fvlm.checkpoint import load_model  # here: fvlm.checkpoint imports this module (a cycle at the top)
 
         source: str | Path = model_id
         if is_hub_id(model_id):

@@ -25,6 +25,8 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer, PreTrainedTokenizerBase
 
 from fvlm.config import TextConfig
+from fvlm.hub import quiet_transformers
+from fvlm.tokenization import tokenize_unique  # noqa: F401  (its home before fvlm.tokenization; tests import it here)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,6 @@ def build_text_encoder(cfg: TextConfig) -> tuple[BertModel, PreTrainedTokenizerB
     else:
         path = resolve_text_path(cfg.pretrained)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
-        from fvlm.hub import quiet_transformers
-
         with quiet_transformers():  # its load-report table and progress bar: summarised in one line below
             model, info = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True,
                                                     output_loading_info=True)
@@ -255,20 +255,3 @@ def encode_cls(model: BertModel, input_ids: torch.Tensor, attention_mask: torch.
         parts.append(_pool(out.last_hidden_state, attention_mask[chunk, :length], pooling))
     cls = torch.cat(parts)
     return cls[torch.argsort(order)]
-
-
-def tokenize_unique(tokenizer: PreTrainedTokenizerBase, texts: Sequence[Sequence[str]],
-                    max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenise each distinct text of a batch once, padded to the longest, truncated to ``max_length``.
-
-    Args:
-        texts: B rows of A texts (one per anatomy).
-    Returns:
-        ``input_ids``, ``attention_mask``: int64 (U, L) for the U distinct texts (first-seen order),
-        L = min(longest, max_length); ``text_index``: int64 (B, A), row of each text in ``input_ids``.
-    """
-    unique: dict[str, int] = {}
-    index = [[unique.setdefault(t, len(unique)) for t in row] for row in texts]
-    tok = tokenizer(list(unique), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
-            "text_index": torch.tensor(index, dtype=torch.int64)}

@@ -196,7 +196,7 @@ def score_run(run: Path, processed: Path, labels: Any) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for key, table in PROMPT_SETS.items():
-        scores = evaluate(run, processed, "valid", run / f"scores{key}.csv", anatomy_table=table)
+        scores = evaluate(run, processed, "valid", run / f"scores{key}.csv", anatomy_table=table).scores
         metrics = compute_metrics(scores, labels)
         out[f"macro_auc{key}"] = metrics["macro"]["auc"]
         out[f"auc{key}"] = {k: (v["auc"] if v["auc"] == v["auc"] else None)  # NaN (one class) -> null

@@ -26,11 +26,12 @@ import pandas as pd
 from fvlm.checkpoint import latest_checkpoint, load_run_config
 from fvlm.config import load_config
 from fvlm.data.preprocess import preprocess
-from fvlm.decompose import decompose_reports
+from fvlm.decompose import decompose_files
 from fvlm.embed import embed
 from fvlm.io import atomic_path, atomic_write_text
 from fvlm.markers import clear_marker, is_done, read_marker, write_marker
-from fvlm.metrics import compute_metrics, format_table, metrics_to_json, plot_roc
+from fvlm.metrics import compute_metrics, format_table, metrics_to_json
+from fvlm.plots import plot_roc
 from fvlm.retrieval import format_retrieval_table, retrieval_from_file
 from fvlm.synth import synthesize
 from fvlm.train import train
@@ -109,8 +110,10 @@ def run_demo(out: str | Path, config: str = "demo", overrides: list[str] | None 
                 log.info("reusing %s", target)
             else:
                 clear_marker(target, "decompose")
-                reports = [data / "radiology_text_reports" / f"{s}_reports.csv" for s in ("train", "validation")]
-                decompose_reports(reports, target)
+                reports = ",".join(str(data / "radiology_text_reports" / f"{s}_reports.csv")
+                                   for s in ("train", "validation"))
+                if not decompose_files(reports, target).ok:
+                    raise RuntimeError("fvlm decompose failed")
                 write_marker(target, "decompose", config=dec_settings)
             overrides.append(f"data.texts={target}")
 
