@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from fvlm.data import ctrate, ctrate_reports, joblist
+from fvlm.data import ctrate, ctrate_reports, joblist, v1fix
 from fvlm.data.store import Geometry
 from fvlm.labels import CT_RATE_LABELS
 

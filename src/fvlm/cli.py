@@ -1,5 +1,7 @@
-"""The ``fvlm`` command line: one module per subcommand in :mod:`fvlm.commands`, each with ``add_parser`` and
-``run(args)``; this file only assembles the parser, sets up logging and turns expected errors into one line.
+"""The ``fvlm`` command line: fine-grained vision-language pre-training for 3D CT.
+
+One module per subcommand in :mod:`fvlm.commands`, each with ``add_parser`` and ``run(args)``; this file only
+assembles the parser, sets up logging and turns expected errors into one line.
 
 Nothing in the library imports this module or :mod:`fvlm.commands`. Every subcommand returns a process exit code
 (0 = success, 1 = finished with failures that were reported, 2 = bad input).

@@ -40,14 +40,12 @@ from fvlm.anatomy import load_anatomy_table
 from fvlm.data import ctrate, v1fix
 from fvlm.data.check_report import DataCheck, SplitCheck, log_summary
 from fvlm.data.check_report import examples as _ex
-from fvlm.data.ctrate import no_chest_path, read_volume_list
+from fvlm.data.ctrate import FIX_COLUMNS, no_chest_path, read_volume_list
 from fvlm.data.volume import HeaderInfo, check_finite, read_header, read_nifti
 
 log = logging.getLogger(__name__)
 
 #: metadata columns the v1 fix needs (a v2 volume needs none of them)
-FIX_COLUMNS = ("XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient", "RescaleSlope",
-               "RescaleIntercept")
 
 
 # ----------------------------------------------------------------------------------------------- per volume
