@@ -30,6 +30,7 @@ version 1 that the tests load and compare against stored outputs).
 from __future__ import annotations
 
 import copy
+import importlib.metadata as md
 import json
 import logging
 import os
@@ -68,8 +69,6 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------- manifest
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour a model folder depends on (recorded, not enforced)."""
-    import importlib.metadata as md
-
     out = {}
     for name in ("fvlm", "torch", "transformers", "tokenizers", "safetensors", "monai", "huggingface_hub"):
         try:

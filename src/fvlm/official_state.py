@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from fvlm.config import Config
 
@@ -174,8 +175,6 @@ def read_lavis_config(path: str | Path) -> dict[str, Any]:
     ``vit_hidden_size``, ``vit_mlp_dim``, ``vit_num_heads``, ``vit_num_layers``, ``max_txt_len``, ``embed_dim``
     (``model:`` section), and the run's ``amp``. Missing keys are left out (the released ViT-B sizes are
     MONAI's defaults and not in its YAML)."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LAVIS config {path} not found")

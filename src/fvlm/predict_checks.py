@@ -12,7 +12,7 @@ import numpy as np
 
 from fvlm.anatomy import Alignment
 from fvlm.config import Config
-from fvlm.data.preprocess import SourceVolume
+from fvlm.data.volume import SourceVolume
 
 #: warn when the scan's z extent is less than this fraction of the training crop's depth in mm
 MIN_Z_COVERAGE = 0.5

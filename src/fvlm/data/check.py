@@ -45,8 +45,6 @@ from fvlm.data.volume import HeaderInfo, check_finite, read_header, read_nifti
 
 log = logging.getLogger(__name__)
 
-#: metadata columns the v1 fix needs (a v2 volume needs none of them)
-
 
 # ----------------------------------------------------------------------------------------------- per volume
 def _header_version(info: HeaderInfo, meta: ctrate.VolumeMetadata | None) -> tuple[str, str]:

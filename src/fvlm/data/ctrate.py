@@ -1,7 +1,7 @@
 """CT-RATE as a user meets it: volume names, paths, the metadata CSV, volume lists (``no_chest_{split}.txt``).
 
 The report and label CSVs are read in :mod:`fvlm.data.ctrate_reports`, the v1 fix and v1/v2 detection live in
-:mod:`fvlm.data.v1fix` (re-exported here for existing callers), the choice of reconstructions per scan in
+:mod:`fvlm.data.v1fix`, the choice of reconstructions per scan in
 :mod:`fvlm.data.joblist`.
 
 Names: ``valid_53_a_1`` = split ``valid``, patient 53, scan ``a``, reconstruction 1; its scan id is

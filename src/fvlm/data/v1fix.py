@@ -13,15 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from fvlm.data.ctrate import VolumeMetadata
 from fvlm.data.store import Geometry
 from fvlm.data.volume import SourceVolume
-
-if TYPE_CHECKING:  # type only: fvlm.data.ctrate imports this module (it re-exports the v1/v2 decision)
-    from fvlm.data.ctrate import VolumeMetadata
 
 
 def rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
