@@ -37,19 +37,41 @@ def test_variants_are_the_five_of_the_issue():
     assert all("loss.co_teaching=false" in o for v, o in VARIANTS.items() if not v.endswith("coteach"))
 
 
+def _section(lines: list[str], title: str) -> list[str]:
+    """The table lines (header first) of the section whose title line starts with ``title``."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 2
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("Zero-shot macro AUC")), len(lines))
+    return lines[start:end]
+
+
 def test_table_means_and_paired_differences():
-    lines = ablation_table(_runs()).splitlines()
+    lines = _section(ablation_table(_runs()).splitlines(), "Zero-shot macro AUC, released prompts")
     assert lines[0].startswith("| variant | runs | macro AUC mean +- sd |")
     blank = lines.index("")
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:blank]}
     assert list(rows) == ["global", "anatomy", "anatomy+normal"]  # variants without runs are left out
     assert rows["global"] == ["2", "0.580 +- 0.028", "0: 0.600, 1: 0.560"]
     assert rows["anatomy+normal"] == ["2", "0.705 +- 0.021", "0: 0.720, 1: 0.690"]
-    comps = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[blank + 3:]}
+    comps = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[blank + 3:]
+             if line.startswith("|")}
     assert comps["anatomy - global"][:2] == ["2", "+0.100"]
     assert comps["anatomy - global"][3:] == ["2 / 0", "0.500"]
     # +0.02, +0.03: mean 0.025, sd 0.00707, t(0.975, 1) = 12.706 -> half width 0.0635
     assert comps["anatomy+normal - anatomy"][2] == "[-0.039, +0.089]"
+    # no run carries the CT-CLIP-prompt metric: no such section
+    assert "CT-CLIP prompts" not in ablation_table(_runs())
+
+
+def test_table_has_a_section_per_prompt_set_over_the_runs_that_have_it():
+    runs = _runs()
+    runs[0]["macro_auc_ctclip"], runs[2]["macro_auc_ctclip"] = 0.65, 0.68  # global / anatomy, seed 0 only
+    lines = _section(ablation_table(runs).splitlines(), "Zero-shot macro AUC, CT-CLIP prompts")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]
+            if line.startswith("| ") and not line.startswith("| comparison")}
+    assert rows["global"] == ["1", "0.650 +- -", "0: 0.650"] and rows["anatomy"] == ["1", "0.680 +- -", "0: 0.680"]
+    assert "anatomy+normal" not in rows
+    c = paired(runs, "global", "anatomy", "macro_auc_ctclip")
+    assert c["seeds"] == [0] and c["diffs"] == pytest.approx([0.03]) and c["metric"] == "macro_auc_ctclip"
 
 
 def test_paired_statistics_by_hand():
@@ -98,12 +120,21 @@ def test_checkpoint_without_marker_is_resumed_and_marker_written_last(tiny_data,
     assert (run / MARKER).stat().st_mtime_ns >= (run / RESULT).stat().st_mtime_ns
     assert finished_result(run) == result and 0.0 <= result["macro_auc"] <= 1.0
     assert result["text_max_length"] == cfg.model.text.max_length
+    # every prompt set scored: the released prompts and CT-CLIP's, per label too
+    assert 0.0 <= result["macro_auc_ctclip"] <= 1.0 and set(result["auc_ctclip"]) == set(result["auc"])
+    assert (run / "scores_ctclip.csv").is_file() and result["macro_auc_ctclip"] != result["macro_auc"]
+    # a result written before a prompt set existed is completed from the run's checkpoint (marker kept)
+    older = {k: v for k, v in result.items() if not k.endswith("_ctclip")}
+    (run / RESULT).write_text(json.dumps(older))
+    assert finished_result(run) == older  # without the data it is returned as stored
+    assert finished_result(run, tiny_data, labels) == result
+    assert json.loads((run / RESULT).read_text()) == result
 
     # a finished run is never trained again
     def fail(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("fvlm.train.train", fail)
+    monkeypatch.setattr("fvlm.recipes.ablation.train", fail)
     assert finish_run(run, cfg, tiny_data, labels, "anatomy", 0) == result
     # without its marker the same directory is not finished (e.g. killed between result and marker)
     (run / MARKER).unlink()

@@ -14,24 +14,21 @@ from fvlm.checkpoint import load_model, save_checkpoint
 from fvlm.cli import main
 from fvlm.config import load_config
 from fvlm.data import store
+from fvlm.data.preprocess import preprocess
 from fvlm.model.fvlm import FVLM
 from fvlm.retrieval import read_embeddings, retrieval_from_file
+from fvlm.synth import synthesize
 from fvlm.text import AnatomyTexts, scan_id
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A synthetic validation split preprocessed with the tiny preset, and an untrained tiny run."""
-    from fvlm.data.joblist import ctrate_jobs
-    from fvlm.data.preprocess import copy_side_files, run_preprocess
-    from fvlm.synth import synthesize
-
     root = tmp_path_factory.mktemp("embed")
     cfg = load_config("tiny")
     table = load_anatomy_table("released")
     synthesize(root / "ct", n_train=0, n_valid=3, seed=11, v2=True)
-    copy_side_files(root / "ct", root / "proc", ["valid"])
-    run_preprocess(ctrate_jobs(root / "ct", ["valid"], version="v2"), root / "proc", cfg.data, table)
+    assert preprocess(root / "ct", root / "proc", cfg, splits=["valid"], version="v2").ok
     torch.manual_seed(0)
     model = FVLM(cfg, num_anatomies=4)
     with torch.no_grad():

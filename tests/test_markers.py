@@ -49,19 +49,19 @@ def test_train_writes_marker_only_when_the_schedule_completes(tiny_data, tmp_pat
 @pytest.mark.slow
 def test_demo_resumes_training_after_a_kill(tmp_path, monkeypatch, capsys):
     """A demo killed during training continues from its last checkpoint instead of deleting the run."""
-    import fvlm.train
+    import fvlm.recipes.demo
     from fvlm.cli import main
 
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--config", "tiny", "--train", "4", "--valid", "2", "--workers", "1",
             "--set", "train.max_steps=3", "--set", "train.ckpt_every=1", "--set", "train.num_workers=0"]
-    real_train = fvlm.train.train
+    real_train = fvlm.recipes.demo.train
 
     def killed(*a, **k):  # the job dies after step 2 (checkpoint written, schedule not finished)
         real_train(*a, **{**k, "stop_after_steps": 2})
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(fvlm.train, "train", killed)
+    monkeypatch.setattr(fvlm.recipes.demo, "train", killed)
     with pytest.raises(KeyboardInterrupt):
         main(args)
     capsys.readouterr()
@@ -69,7 +69,7 @@ def test_demo_resumes_training_after_a_kill(tmp_path, monkeypatch, capsys):
     assert not is_done(out / "run", "train")
     step2 = out / "run" / "checkpoints" / "step_0000002" / "model.safetensors"
     inode = step2.stat().st_ino
-    monkeypatch.setattr(fvlm.train, "train", real_train)
+    monkeypatch.setattr(fvlm.recipes.demo, "train", real_train)
     assert main(args) == 0
     text = capsys.readouterr().err  # fvlm's CLI logs to stderr
     assert "continuing the interrupted training" in text and "resumed from" in text

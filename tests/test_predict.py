@@ -22,10 +22,12 @@ from fvlm.checkpoint import save_checkpoint
 from fvlm.cli import main
 from fvlm.config import load_config
 from fvlm.data import store
+from fvlm.data.preprocess import preprocess
 from fvlm.data.volume import obliquity_degrees
 from fvlm.model.fvlm import FVLM
 from fvlm.predict import Predictor
-from fvlm.synth import generate_case
+from fvlm.synth import generate_case, synthesize
+from fvlm.zeroshot import evaluate
 
 LUNG_IDS = (10, 11, 12, 13, 14)
 
@@ -104,14 +106,9 @@ def reoriented(hu, lab, spacing, origin, src=(0, 1, 2), flip=(False, False, Fals
 # ----------------------------------------------------------------------------------------------- tests
 def test_predict_equals_eval_of_the_same_volume(run, predictor, tmp_path):
     """A scan predicted alone gets exactly the scores fvlm eval gives it after fvlm preprocess."""
-    from fvlm.data.joblist import ctrate_jobs
-    from fvlm.data.preprocess import run_preprocess
-    from fvlm.synth import synthesize
-    from fvlm.zeroshot import evaluate
-
     synthesize(tmp_path / "ct", n_train=0, n_valid=1, seed=5, v2=True)
-    cfg, table = predictor.cfg, predictor.table
-    run_preprocess(ctrate_jobs(tmp_path / "ct", ["valid"], version="v2"), tmp_path / "proc", cfg.data, table)
+    cfg = predictor.cfg
+    assert preprocess(tmp_path / "ct", tmp_path / "proc", cfg, splits=["valid"], version="v2").ok
     scores = evaluate(run, tmp_path / "proc", "valid", tmp_path / "scores.csv", device="cpu").scores
     name = scores["VolumeName"].iloc[0].removesuffix(".nii.gz")
     scan = next((tmp_path / "ct" / "dataset").rglob(f"valid/**/{name}.nii.gz"))

@@ -33,7 +33,6 @@ import copy
 import importlib.metadata as md
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +44,7 @@ from transformers import BertConfig
 from fvlm.anatomy import AnatomyTable, alignment, load_anatomy_table
 from fvlm.config import Config, config_from_dict
 from fvlm.hub import is_hub_id, quiet_transformers, snapshot
-from fvlm.io import atomic_write_text, file_sha256
+from fvlm.io import atomic_dir, atomic_write_text, file_sha256
 from fvlm.model.fvlm import FVLM, load_weights, save_weights
 
 log = logging.getLogger(__name__)
@@ -176,23 +175,13 @@ def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, cfg: Con
     ``extra(folder)`` writes further files into the folder before the manifest (e.g. fine-tuning heads), so
     they are covered by the same integrity check."""
     final = checkpoint_dir(run, step)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(final) as tmp:
         write_model_files(tmp, model, cfg, table)
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
         if extra is not None:
             extra(tmp)
         write_manifest(tmp)  # last: a folder whose manifest matches is complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(final.parent / "latest", final.name + "\n")
     log.info("checkpoint %s", final)
     return final

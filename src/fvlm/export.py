@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from fvlm.checkpoint import (
     write_model_files,
 )
 from fvlm.config import Config
-from fvlm.io import atomic_write_text
+from fvlm.io import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +245,7 @@ def export(run: str | Path, out: str | Path, metrics: str | Path | None = None, 
         training_data = training_data or ("CT-RATE (the authors' released fVLM checkpoint, converted with "
                                           "`fvlm convert-official`; see conversion.json)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         write_model_files(tmp, model, cfg, table)
         atomic_write_text(tmp / CONFIG, json.dumps(hf_config(cfg, table, model.num_anatomies), indent=2) + "\n")
         if conversion.is_file():
@@ -259,12 +255,6 @@ def export(run: str | Path, out: str | Path, metrics: str | Path | None = None, 
                           metrics_data, str(metrics_path.name) if metrics_path else "",
                           model.text_encoder.config.to_dict(), base_model)
         atomic_write_text(tmp / "README.md", card)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.info("exported %s -> %s (%.1f MB; load with fvlm.load(%r))", ckpt, out, size / 1e6, str(out))
     return out

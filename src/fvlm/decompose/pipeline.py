@@ -1,4 +1,5 @@
-"""Reports CSV -> ``desc_info.json`` / ``conc_info.json``: reading, deduplication, backends, outputs, CLI."""
+"""Reports CSV -> ``desc_info.json`` / ``conc_info.json``: reading, deduplication, backends, outputs, and
+:func:`decompose_files` (the job of ``fvlm decompose``)."""
 
 from __future__ import annotations
 
