@@ -1,6 +1,10 @@
 """Where does a run's zero-shot AUC go? Per label: zero-shot, a linear probe, and the text-side ceiling.
 
     python benchmarks/zeroshot_ceiling.py --run demo_out/run --data demo_out/processed
+    python benchmarks/zeroshot_ceiling.py --run RUN --data PROCESSED --prompts released_ctclip_prompts --out X.json
+
+A global-mode (CT-CLIP-style) run works the same way: its one entry (the whole crop) against the whole reports.
+``--prompts TABLE`` scores another anatomy table's prompts (same anatomies), e.g. CT-CLIP's "X is present." pairs.
 
 For every prompt item (anatomy, label) of the run's anatomy table, on the validation split:
 
@@ -53,29 +57,34 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run (or checkpoint) directory")
     p.add_argument("--data", required=True, help="processed directory with train and valid splits")
+    p.add_argument("--prompts", default="", help="anatomy table whose prompt pairs are scored (default: the run's)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "zeroshot_ceiling.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from fvlm.anatomy import TEXTS_REPORT, alignment, load_anatomy_table
     from fvlm.checkpoint import load_model
     from fvlm.embed import encode_texts, volume_texts
     from fvlm.zeroshot import anatomy_embeddings, prompt_text_features
 
     dev = torch.device("cpu")
     model, cfg, table = load_model(args.run, dev)
-    if cfg.loss.mode == "global":
-        raise SystemExit("this analysis is per anatomy; the run is a global-mode model")
+    aligned = alignment(cfg, table)  # the model's entries (one, the whole crop, for a global-mode run)
+    scoring = alignment(cfg, load_anatomy_table(args.prompts)).table if args.prompts else aligned.table
+    if tuple(a.name for a in scoring.anatomies) != aligned.names:
+        raise SystemExit(f"--prompts {args.prompts}: anatomies differ from the run's {aligned.names}")
     data = Path(args.data)
-    prompts = prompt_text_features(model, cfg, table, dev).numpy()  # (2P, E): negative_j, positive_j
+    prompts = prompt_text_features(model, cfg, scoring, dev).numpy()  # (2P, E): negative_j, positive_j
     split_data = {}
     for split in ("train", "valid"):
         volumes, image = anatomy_embeddings(model, cfg, table, data, split, dev)
-        texts = volume_texts(volumes, list(table.names), data, split, global_mode=False)
+        texts = volume_texts(volumes, list(aligned.names), data, split, aligned.texts == TEXTS_REPORT,
+                             rule=cfg.data.text_rule)
         labels = pd.read_csv(data / "labels" / f"{split}_labels.csv").set_index("VolumeName")
         y = labels.loc[[f"{v}.nii.gz" for v in volumes]]
         text_emb = {}
-        for k, name in enumerate(table.names):
+        for k, name in enumerate(aligned.names):
             rows = [i for i, r in enumerate(texts) if r[k]]
             enc = encode_texts(model, [texts[i][k] for i in rows], cfg.model.text.max_length, dev)
             full = np.full((len(volumes), enc.shape[1]), np.nan, dtype=np.float32)
@@ -84,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         split_data[split] = (image, text_emb, y)
 
     result = {}
-    for j, item in enumerate(table.prompts):
-        k = table.index(item.anatomy)
+    for j, item in enumerate(scoring.prompts):
+        k = scoring.index(item.anatomy)
         direction = prompts[2 * j + 1] - prompts[2 * j]
         row = {"anatomy": item.anatomy}
         (img_t, txt_t, y_t), (img_v, txt_v, y_v) = split_data["train"], split_data["valid"]
@@ -105,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     macro = {c: round(statistics.mean(r[c] for r in result.values() if r[c] is not None), 4)
              for c in ("zero_shot", "image_probe", "text_side", "text_probe")}
     out = {"benchmark": "zeroshot_ceiling", "machine": machine(), "run": str(args.run), "data": str(args.data),
+           "mode": cfg.loss.mode, "prompts": scoring.name,
            "labels": result, "macro": macro}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
