@@ -53,45 +53,8 @@ def _probe(x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, y_vali
     return _auc(y_valid, clf.predict_proba(x_valid)[:, 1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="run (or checkpoint) directory")
-    p.add_argument("--data", required=True, help="processed directory with train and valid splits")
-    p.add_argument("--prompts", default="", help="anatomy table whose prompt pairs are scored (default: the run's)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "zeroshot_ceiling.json"))
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    from fvlm.anatomy import TEXTS_REPORT, alignment, load_anatomy_table
-    from fvlm.checkpoint import load_model
-    from fvlm.embed import encode_texts, volume_texts
-    from fvlm.zeroshot import anatomy_embeddings, prompt_text_features
-
-    dev = torch.device("cpu")
-    model, cfg, table = load_model(args.run, dev)
-    aligned = alignment(cfg, table)  # the model's entries (one, the whole crop, for a global-mode run)
-    scoring = alignment(cfg, load_anatomy_table(args.prompts)).table if args.prompts else aligned.table
-    if tuple(a.name for a in scoring.anatomies) != aligned.names:
-        raise SystemExit(f"--prompts {args.prompts}: anatomies differ from the run's {aligned.names}")
-    data = Path(args.data)
-    prompts = prompt_text_features(model, cfg, scoring, dev).numpy()  # (2P, E): negative_j, positive_j
-    split_data = {}
-    for split in ("train", "valid"):
-        volumes, image = anatomy_embeddings(model, cfg, table, data, split, dev)
-        texts = volume_texts(volumes, list(aligned.names), data, split, aligned.texts == TEXTS_REPORT,
-                             rule=cfg.data.text_rule)
-        labels = pd.read_csv(data / "labels" / f"{split}_labels.csv").set_index("VolumeName")
-        y = labels.loc[[f"{v}.nii.gz" for v in volumes]]
-        text_emb = {}
-        for k, name in enumerate(aligned.names):
-            rows = [i for i, r in enumerate(texts) if r[k]]
-            enc = encode_texts(model, [texts[i][k] for i in rows], cfg.model.text.max_length, dev)
-            full = np.full((len(volumes), enc.shape[1]), np.nan, dtype=np.float32)
-            full[rows] = enc
-            text_emb[name] = full
-        split_data[split] = (image, text_emb, y)
-
+def score_prompts(scoring, prompts: np.ndarray, split_data: dict) -> dict:
+    """Per prompt item of ``scoring``: zero-shot, image probe, text side, text probe; and their macro means."""
     result = {}
     for j, item in enumerate(scoring.prompts):
         k = scoring.index(item.anatomy)
@@ -113,12 +76,65 @@ def main(argv: list[str] | None = None) -> int:
                    ("zero_shot", "image_probe", "text_side", "text_probe")))
     macro = {c: round(statistics.mean(r[c] for r in result.values() if r[c] is not None), 4)
              for c in ("zero_shot", "image_probe", "text_side", "text_probe")}
+    return {"labels": result, "macro": macro}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="run (or checkpoint) directory")
+    p.add_argument("--data", required=True, help="processed directory with train and valid splits")
+    p.add_argument("--prompts", nargs="*", default=[],
+                   help="anatomy tables whose prompt pairs are scored, each against the same embeddings (default: "
+                        "the run's own); with several, the JSON has one entry per table under prompt_sets")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "zeroshot_ceiling.json"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from fvlm.anatomy import TEXTS_REPORT, alignment, load_anatomy_table
+    from fvlm.checkpoint import load_model
+    from fvlm.embed import encode_texts, volume_texts
+    from fvlm.zeroshot import anatomy_embeddings, prompt_text_features
+
+    dev = torch.device("cpu")
+    model, cfg, table = load_model(args.run, dev)
+    aligned = alignment(cfg, table)  # the model's entries (one, the whole crop, for a global-mode run)
+    tables = [alignment(cfg, load_anatomy_table(t)).table for t in args.prompts] or [aligned.table]
+    for t, scoring in zip(args.prompts, tables):
+        if tuple(a.name for a in scoring.anatomies) != aligned.names:
+            raise SystemExit(f"--prompts {t}: anatomies differ from the run's {aligned.names}")
+    data = Path(args.data)
+    split_data = {}
+    for split in ("train", "valid"):
+        volumes, image = anatomy_embeddings(model, cfg, table, data, split, dev)
+        texts = volume_texts(volumes, list(aligned.names), data, split, aligned.texts == TEXTS_REPORT,
+                             rule=cfg.data.text_rule)
+        labels = pd.read_csv(data / "labels" / f"{split}_labels.csv").set_index("VolumeName")
+        y = labels.loc[[f"{v}.nii.gz" for v in volumes]]
+        text_emb = {}
+        for k, name in enumerate(aligned.names):
+            rows = [i for i, r in enumerate(texts) if r[k]]
+            enc = encode_texts(model, [texts[i][k] for i in rows], cfg.model.text.max_length, dev)
+            full = np.full((len(volumes), enc.shape[1]), np.nan, dtype=np.float32)
+            full[rows] = enc
+            text_emb[name] = full
+        split_data[split] = (image, text_emb, y)
+
+    sets = {}
+    for scoring in tables:
+        prompts = prompt_text_features(model, cfg, scoring, dev).numpy()  # (2P, E): negative_j, positive_j
+        log.info("prompts of table %r", scoring.name)
+        sets[scoring.name] = score_prompts(scoring, prompts, split_data)
     out = {"benchmark": "zeroshot_ceiling", "machine": machine(), "run": str(args.run), "data": str(args.data),
-           "mode": cfg.loss.mode, "prompts": scoring.name,
-           "labels": result, "macro": macro}
+           "mode": cfg.loss.mode}
+    if len(sets) == 1:
+        (name, one), = sets.items()
+        out.update({"prompts": name, **one})
+    else:
+        out["prompt_sets"] = sets
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    log.info("macro %s -> %s", macro, args.out)
+    log.info("macro %s -> %s", {k: v["macro"] for k, v in sets.items()}, args.out)
     return 0
 
 

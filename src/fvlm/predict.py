@@ -177,7 +177,7 @@ class Predictor:
             spacing: (x, y, z) voxel size in mm.
             origin: LPS position (mm) of voxel (0, 0, 0); direction: 3 x 3 row-major, column a = the LPS unit
                 vector of index axis a (SimpleITK conventions; the identity = x to the patient's left, y
-                posterior, z superior). From a NIfTI affine: :func:`fvlm.data.preprocess.geometry_from_affine`.
+                posterior, z superior). From a NIfTI affine: :func:`fvlm.data.volume.geometry_from_affine`.
         """
         hu, label_map = np.asarray(hu), np.asarray(label_map)
         if hu.ndim != 3 or hu.shape != label_map.shape:
