@@ -23,7 +23,6 @@ finished runs, what is left, the token statistics and the paired statistics, rew
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -229,9 +228,6 @@ def finish_run(run: Path, cfg: Any, processed: Path, labels: Any, variant: str, 
     if stored is not None:
         return stored
     t0 = time.perf_counter()
-    # the previous run's evaluation DataLoader iterator may still wait for the garbage collector: collected now, so
-    # that this run's forked loader workers do not inherit it (each would log "can only test a child process")
-    gc.collect()
     # a checkpoint is not a finished run: resume it to the end of its schedule (a no-op if it is complete)
     train(cfg, processed, run, resume=latest_checkpoint(run) is not None)
     result = {"variant": variant, "seed": seed, **score_run(run, processed, labels),
