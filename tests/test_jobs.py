@@ -55,6 +55,17 @@ def test_no_worker_can_start_fails_every_job_with_the_reason(monkeypatch):
                and "Cannot allocate memory" in r.error for r in got.values())
 
 
+def test_a_script_without_main_guard_is_told_how_to_fix_it(tmp_path):
+    """Worker processes import the calling script: one that calls fvlm at its top level (no __main__ guard) makes
+    every worker try to start workers of its own; the error says what to change."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("import math\nfrom fvlm.data.jobs import run_jobs\n"
+                      "print(sorted(dict(run_jobs(math.sqrt, [(4.0,), (9.0,)], 2)).values()))\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "could not start a worker process" in p.stderr
+    assert 'under `if __name__ == "__main__":`' in p.stderr and "out of memory" not in p.stderr
+
+
 # ------------------------------------------------------------------------------------------- process trees
 def _procs() -> dict[int, tuple[int, str]]:
     out = {}

@@ -206,8 +206,12 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]] | Iterable[
         try:
             return _Worker(ctx, fn, initializer)
         except Exception as e:  # cannot fork / exec / reach the forkserver (e.g. out of address space)
-            start_error = (f"could not start a worker process ({type(e).__name__}: {e}; out of memory or address "
-                           f"space, e.g. a low ulimit -v? --workers 1 runs without worker processes)")
+            if "bootstrapping phase" in str(e):  # a worker re-ran the caller's script: it has no __main__ guard
+                why = ("a script that starts worker processes must call fvlm under `if __name__ == \"__main__\":` "
+                       "(the workers import the script); --workers 1 runs without worker processes")
+            else:
+                why = "out of memory or address space, e.g. a low ulimit -v? --workers 1 runs without worker processes"
+            start_error = f"could not start a worker process ({type(e).__name__}: {' '.join(str(e).split())}; {why})"
             log.error("%s", start_error)
             return None
 
