@@ -337,6 +337,24 @@ def test_centred_symmetric_window_would_break_parity(converted, windows):
 
 
 @pytest.mark.skipif(bool(OVERRIDES), reason="sensitivity checks assume the released settings")
+def test_evaluate_eval_window_overrides_the_saved_one(converted, evaluated):
+    """``evaluate(eval_window=...)`` (benchmarks/parity_switches.py) changes only the window: ``released`` (the
+    converted run's own) reproduces ``fvlm eval``; ``centred`` moves the scores of the volumes whose windows differ."""
+    from fvlm.zeroshot import evaluate
+
+    ref = pd.read_csv(evaluated["scores"])
+    evaluate(converted["run"], converted["data"], "valid", converted["tmp"] / "released.csv", device="cpu",
+             eval_window="released")
+    pd.testing.assert_frame_equal(pd.read_csv(converted["tmp"] / "released.csv"), ref)
+    evaluate(converted["run"], converted["data"], "valid", converted["tmp"] / "centred.csv", device="cpu",
+             eval_window="centred")
+    centred = pd.read_csv(converted["tmp"] / "centred.csv")
+    labels = [c for c in ref.columns if c != "VolumeName"]
+    assert float(np.nanmax(np.abs(centred[labels].to_numpy() - ref[labels].to_numpy()))) > 1e-4
+    assert load_model(converted["run"])[1].data.eval_window == "released"  # the saved config is untouched
+
+
+@pytest.mark.skipif(bool(OVERRIDES), reason="sensitivity checks assume the released settings")
 def test_our_text_rule_would_break_parity():
     """Our fvlm rule (space-joined, whitespace-normalised, missing scans left out) differs from the released
     strings on the fixture's texts."""

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from fvlm.anatomy import AnatomyTable, alignment, global_table, load_anatomy_table
 from fvlm.checkpoint import load_model
-from fvlm.config import Config
+from fvlm.config import Config, apply_overrides, config_from_dict
 from fvlm.data import store
 from fvlm.data.compat import check_store
 from fvlm.io import atomic_path
@@ -307,10 +307,14 @@ class Evaluation:
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str, out: str | Path, device: str = "auto",
-             batch_size: int = 0, anatomy_table: str | None = None) -> Evaluation:
-    """Score every volume of ``split``; writes ``out`` (CSV) atomically and returns it with its table."""
+             batch_size: int = 0, anatomy_table: str | None = None, eval_window: str | None = None) -> Evaluation:
+    """Score every volume of ``split``; writes ``out`` (CSV) atomically and returns it with its table.
+
+    ``eval_window``: ``centred`` or ``released`` instead of the model's saved ``data.eval_window``."""
     dev = resolve_device(device)
     model, cfg, table = load_model(checkpoint, dev)
+    if eval_window is not None:
+        cfg = config_from_dict(apply_overrides(cfg.to_dict(), [f"data.eval_window={eval_window}"]))
     check_store(cfg, table, data, required=False)  # a model needs data preprocessed its way
     if anatomy_table:
         other = load_anatomy_table(anatomy_table)
