@@ -3,31 +3,16 @@ seed-paired statistics, finished runs skipped on rerun."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _module():
-    sys.path.insert(0, str(BENCH))  # its sibling module `machine`
-    try:
-        spec = importlib.util.spec_from_file_location("parity_switches", BENCH / "parity_switches.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
+from conftest import load_benchmark
 
 
 def test_paired_differences_by_hand():
-    ps = _module()
+    ps = load_benchmark("parity_switches")
 
     def arm(c, r):
         return {"centred": {"macro_auc": c}, "released": {"macro_auc": r}}
@@ -49,7 +34,7 @@ def test_paired_differences_by_hand():
 
 @pytest.mark.slow
 def test_parity_switches_on_tiny_data(tiny_data, tmp_path, monkeypatch):
-    ps = _module()
+    ps = load_benchmark("parity_switches")
     from fvlm.data import store
 
     out, results = tmp_path / "out", tmp_path / "parity_switches.json"

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _module():
-    sys.path.insert(0, str(BENCH))  # its sibling module `machine`
-    try:
-        spec = importlib.util.spec_from_file_location("text_duplicates", BENCH / "text_duplicates.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
+from conftest import load_benchmark
 
 
 def test_batch_statistics_whole_set_is_exact():
-    td = _module()
+    td = load_benchmark("text_duplicates")
     # batch = the whole set: ids 7,7,7 (3 samples, 3 pairs), 5,5 (2, 1), 9 alone, two normal
     ids = [7, None, 7, 5, 9, 7, None, 5]
     got = td.batch_statistics(ids, batch_size=8, draws=3, rng=np.random.default_rng(0))
@@ -35,7 +20,7 @@ def test_batch_statistics_whole_set_is_exact():
 
 
 def test_main_counts_abnormal_twins_per_anatomy(tmp_path):
-    td = _module()
+    td = load_benchmark("text_duplicates")
     data = tmp_path / "processed"
     (data / "texts").mkdir(parents=True)
     (data / "labels").mkdir()
