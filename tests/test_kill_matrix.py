@@ -5,21 +5,16 @@ command) is benchmarks/kill_matrix.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_matrix.py"
+from conftest import load_benchmark
 
 
 @pytest.mark.slow
 def test_short_kill_matrix(tmp_path):
-    spec = importlib.util.spec_from_file_location("kill_matrix", BENCH)
-    km = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(km)
+    km = load_benchmark("kill_matrix")
     out = tmp_path / "kill_matrix.json"
     rc = km.main(["--trials", "1", "--commands", "preprocess-main,preprocess-worker,segment", "--seed", "1",
                   "--work", str(tmp_path / "work"), "--out", str(out)])
